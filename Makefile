@@ -1,0 +1,71 @@
+# mmserve — developer commands. `make demo` and `make test` work on a fresh machine (they install first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_MODEL := .cache/models/demo-tiny
+BENCH_MODEL := .cache/models/bench
+PROTOS := protos/encoder.proto protos/generator.proto
+
+.PHONY: help install proto proto-check lint typecheck check test demo demo-model bench up down clean
+
+help:
+	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
+	@echo "make test        run the test suite (installs dependencies first)"
+	@echo "make install     create $(VENV) with the pinned dependencies"
+	@echo "make proto       regenerate the gRPC stubs in protos/"
+	@echo "make check       proto freshness, ruff and mypy (what CI runs before the tests)"
+	@echo "make bench       run the benchmarks (figures go to BENCHMARKS.md by hand)"
+	@echo "make up / down   start / stop the docker-compose stack"
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+install: $(VENV)/.installed
+
+proto: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+# Regenerates the stubs into a scratch directory and fails if the committed ones differ.
+proto-check: install
+	@tmp=$$(mktemp -d) && mkdir -p $$tmp/protos && cp $(PROTOS) $$tmp/protos/ && \
+	  (cd $$tmp && $(CURDIR)/$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)) && \
+	  for f in encoder_pb2.py encoder_pb2.pyi encoder_pb2_grpc.py generator_pb2.py generator_pb2.pyi generator_pb2_grpc.py; do \
+	    cmp -s $$tmp/protos/$$f protos/$$f || { echo "protos/$$f is stale: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
+	  done; rm -rf $$tmp; echo "proto stubs are up to date"
+
+lint: install
+	$(PY) -m ruff check .
+
+typecheck: install
+	$(PY) -m mypy
+
+check: proto-check lint typecheck
+
+test: install
+	$(PY) -m pytest -q
+
+$(DEMO_MODEL)/config.json: common/demo_model.py common/assets/corpus.txt | install
+	$(PY) -m common.demo_model $(DEMO_MODEL) --size tiny --seed 0
+
+demo-model: install $(DEMO_MODEL)/config.json
+
+demo: install $(DEMO_MODEL)/config.json
+	$(PY) -m examples.demo --model $(DEMO_MODEL) --image examples/cat.jpg
+
+$(BENCH_MODEL)/config.json: common/demo_model.py common/assets/corpus.txt | install
+	$(PY) -m common.demo_model $(BENCH_MODEL) --size bench --seed 0
+
+bench: install $(BENCH_MODEL)/config.json
+	$(PY) -m benchmarks.run --model $(BENCH_MODEL)
+
+up:
+	docker compose up -d --build
+
+down:
+	docker compose down
+
+clean:
+	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache

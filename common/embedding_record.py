@@ -1,0 +1,80 @@
+"""The cache record of one image embedding (the value stored under `mmserve:emb:<image key>`).
+
+    offset  size  field
+    0       6     magic b"MMEMB\\0"
+    6       1     format version (1)
+    7       4     header length N (uint32, little-endian)
+    11      N     header: UTF-8 JSON {"dtype": "float16", "shape": [576, 4096], "fingerprint": "<hex>"}
+    11+N    ...   raw little-endian row-major tensor bytes (exactly prod(shape) * itemsize)
+
+Every field is verified on read: a record with a wrong magic, version, header, fingerprint or length is
+rejected (the caller treats it as a miss and deletes it). Nothing in a record is ever executed (no pickle).
+Pure Python: no torch needed to check a record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"MMEMB\0"
+VERSION = 1
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_PREFIX = struct.Struct("<6sBI")
+_MAX_HEADER = 4096
+
+
+class RecordError(ValueError):
+    """A cache record that fails verification; the message says which check failed."""
+
+
+@dataclass(frozen=True)
+class EmbeddingRecord:
+    dtype: str
+    shape: tuple[int, ...]
+    fingerprint: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ITEMSIZE:
+            raise RecordError(f"unsupported dtype {self.dtype!r}")
+        if len(self.shape) != 2 or any(dim <= 0 for dim in self.shape):
+            raise RecordError(f"embedding shape must be [num_tokens, hidden_size], got {list(self.shape)}")
+        expected = math.prod(self.shape) * ITEMSIZE[self.dtype]
+        if len(self.data) != expected:
+            raise RecordError(f"payload is {len(self.data)} bytes, shape {list(self.shape)} needs {expected}")
+
+
+def encode_record(record: EmbeddingRecord) -> bytes:
+    header = json.dumps(
+        {"dtype": record.dtype, "shape": list(record.shape), "fingerprint": record.fingerprint},
+        separators=(",", ":"),
+    ).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + record.data
+
+
+def decode_record(blob: bytes, expected_fingerprint: str) -> EmbeddingRecord:
+    """Parse and verify a record; raises RecordError unless it is intact and from this encoder."""
+    if len(blob) < _PREFIX.size:
+        raise RecordError("record shorter than its fixed prefix")
+    magic, version, header_len = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise RecordError("bad magic: not an mmserve embedding record")
+    if version != VERSION:
+        raise RecordError(f"record format version {version}, expected {VERSION}")
+    if header_len > _MAX_HEADER or _PREFIX.size + header_len > len(blob):
+        raise RecordError("header length out of range")
+    try:
+        header = json.loads(blob[_PREFIX.size : _PREFIX.size + header_len])
+        dtype, shape, fingerprint = header["dtype"], header["shape"], header["fingerprint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RecordError(f"unreadable header: {type(exc).__name__}") from None
+    if not isinstance(shape, list) or not all(isinstance(dim, int) for dim in shape):
+        raise RecordError("header shape is not a list of integers")
+    if fingerprint != expected_fingerprint:
+        raise RecordError("record was written by a different encoder (fingerprint mismatch)")
+    return EmbeddingRecord(
+        dtype=str(dtype), shape=tuple(shape), fingerprint=fingerprint, data=blob[_PREFIX.size + header_len :]
+    )

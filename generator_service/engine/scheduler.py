@@ -1,0 +1,267 @@
+"""Iteration-level scheduler (vLLM v1 policy): token budgets, chunked prefill, prefix hits, preemption.
+
+Each step grants tokens under `max_num_batched_tokens`, no prefill/decode phases:
+
+  1. RUNNING requests in order get min(num_tokens - num_computed_tokens, budget) tokens (a decode is 1 token,
+     an unfinished chunked prefill continues). When blocks run out, the NEWEST running request is preempted
+     (recompute: its blocks are freed, hashed ones stay in the prefix cache) and put at the front of WAITING.
+  2. If nobody was preempted, WAITING requests are admitted FCFS while budget and max_num_seqs allow, each
+     starting after its prefix-cache hit. The first one that does not fit stops admission (no skipping).
+
+The loop reads `out = scheduler.schedule(); sampled = runner.run(out); scheduler.update(out, sampled)`.
+Pure Python: no torch, grpc or redis.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from generator_service.engine.block_manager import BlockManager
+from generator_service.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name, flag in (("max_num_seqs", "--max-num-seqs"), ("max_num_batched_tokens", "--max-num-batched-tokens"),
+                           ("max_model_len", "--max-model-len")):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}: set {flag} to 1 or more")
+
+
+class RequestRejected(ValueError):
+    """The request can never be scheduled (too long, too big for the KV cache, empty...)."""
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Compute tokens [start, start + num_tokens) of one request, writing KV into `block_table`."""
+
+    request_id: str
+    start: int  # num_computed_tokens before this step
+    num_tokens: int
+    block_table: tuple[int, ...]
+    samples: bool  # the chunk reaches num_tokens: sample the next token from its last row
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...]
+    finished: tuple[str, ...]  # aborted/finished outside update() since the last step; blocks already freed
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing for the runner to compute (preempted/finished may still carry news)."""
+        return not self.chunks
+
+
+class _TokenBudget:
+    def __init__(self, num_tokens: int) -> None:
+        self.remaining = num_tokens
+
+    def grant(self, wanted: int) -> int:
+        return min(wanted, self.remaining)
+
+    def spend(self, num_tokens: int) -> None:
+        self.remaining -= num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self._requests: dict[str, Request] = {}  # every unfinished request, by id
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # admission order: the last one is the newest
+        self._finished_outside_update: list[str] = []
+        self.num_preemptions_total = 0
+        self.prefix_cache_hit_tokens_total = 0  # hit tokens over every admission, resumes included
+
+    # ---- queries -------------------------------------------------------------------------------------
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- intake and cancellation ---------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises RequestRejected if it could never be scheduled."""
+        self._check_admissible(request)
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Abort a request in any state; its blocks are freed now and its id is reported in the next
+        schedule()'s `finished`. Returns None for an unknown or already finished request."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish a request from outside update() (e.g. the engine matched a stop string)."""
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a finished status, got {status}")
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        if request.status is RequestStatus.WAITING:
+            self._waiting.remove(request)
+        else:
+            self._running.remove(request)
+        self._finish(request, status)
+        self._finished_outside_update.append(request_id)
+        return request
+
+    # ---- one step ------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        finished = tuple(self._finished_outside_update)
+        self._finished_outside_update.clear()
+        budget = _TokenBudget(self.config.max_num_batched_tokens)
+        chunks, preempted = self._schedule_running(budget)
+        if not preempted:  # blocks are short: admitting more would only cause more preemption
+            chunks += self._schedule_waiting(budget)
+        return SchedulerOutput(
+            chunks=tuple(chunks),
+            preempted=tuple(preempted),
+            finished=finished,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget.remaining,
+        )
+
+    def update(self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]) -> list[Request]:
+        """Apply a finished step: advance progress, cache full blocks, append sampled tokens, check stops.
+
+        `sampled_token_ids` holds one token per chunk with `samples`. Chunks of requests aborted since
+        schedule() are skipped. Returns the requests that finished here (their blocks are freed).
+        """
+        finished: list[Request] = []
+        for chunk in output.chunks:
+            request = self._requests.get(chunk.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING or \
+                    request.num_computed_tokens != chunk.start:
+                continue  # aborted/finished after schedule(): nothing to apply
+            request.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_full_blocks(request, request.num_computed_tokens)
+            if not chunk.samples:
+                continue
+            if chunk.request_id not in sampled_token_ids:
+                raise KeyError(f"runner returned no sampled token for request {chunk.request_id!r}")
+            request.append_output_token(sampled_token_ids[chunk.request_id])
+            status = self._stop_status(request)
+            if status is not None:
+                self._finish(request, status)
+                finished.append(request)
+        if finished:
+            self._running = [r for r in self._running if not r.is_finished]
+        return finished
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _schedule_running(self, budget: _TokenBudget) -> tuple[list[ScheduledChunk], list[str]]:
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        index = 0
+        while index < len(self._running) and budget.remaining > 0:
+            request = self._running[index]
+            num_new = budget.grant(request.num_tokens - request.num_computed_tokens)
+            while self.block_manager.allocate_slots(request, num_new) is None:
+                victim = self._running.pop()  # the newest; never one already scheduled (index < len)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    return chunks, preempted
+            chunks.append(self._chunk(request, num_new))
+            budget.spend(num_new)
+            index += 1
+        return chunks, preempted
+
+    def _schedule_waiting(self, budget: _TokenBudget) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        while self._waiting and budget.remaining > 0 and len(self._running) < self.config.max_num_seqs:
+            request = self._waiting[0]
+            hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(request)
+            num_new = budget.grant(request.num_tokens - num_hit_tokens)
+            if self.block_manager.allocate_slots(request, num_new, hit_blocks) is None:
+                break  # strict FCFS: nobody overtakes the head of the queue
+            self._waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_preemptions == 0:  # first admission: this is the prompt's cache hit
+                request.num_cached_tokens = num_hit_tokens
+            self.prefix_cache_hit_tokens_total += num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self._running.append(request)
+            chunks.append(self._chunk(request, num_new))
+            budget.spend(num_new)
+        return chunks
+
+    def _chunk(self, request: Request, num_tokens: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(
+            request_id=request.request_id,
+            start=start,
+            num_tokens=num_tokens,
+            block_table=tuple(self.block_manager.block_table(request.request_id)),
+            samples=start + num_tokens == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        # Recompute preemption: hashed blocks stay in the prefix cache, so the resume likely hits them.
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self._waiting.appendleft(request)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.block_manager.free(request)
+        del self._requests[request.request_id]
+
+    def _stop_status(self, request: Request) -> RequestStatus | None:
+        token = request.output_token_ids[-1]
+        sampling = request.sampling
+        if (token in request.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= sampling.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _check_admissible(self, request: Request) -> None:
+        rid, prompt_len, max_tokens = request.request_id, request.num_prompt_tokens, request.sampling.max_tokens
+        if rid in self._requests:
+            raise RequestRejected(f"request id {rid!r} is already in use: pick a unique request_id")
+        if prompt_len == 0:
+            raise RequestRejected(f"request {rid!r} has an empty prompt: send at least one token")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens or request.output_token_ids:
+            raise RequestRejected(f"request {rid!r} is not fresh: create a new Request to submit it")
+        total = prompt_len + max_tokens
+        if total > self.config.max_model_len:
+            raise RequestRejected(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
+                                  f"({self.config.max_model_len}): shorten the prompt or raise --max-model-len")
+        num_blocks = self.block_manager.num_blocks_for(total)
+        if num_blocks > self.block_manager.num_blocks:
+            raise RequestRejected(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) needs {num_blocks} KV blocks of "
+                f"{self.block_manager.block_size} tokens but the cache has {self.block_manager.num_blocks}: "
+                "shorten the prompt, lower max_tokens or raise --num-kv-blocks")
