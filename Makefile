@@ -7,7 +7,7 @@ DEMO_MODEL := .cache/models/demo-tiny
 BENCH_MODEL := .cache/models/bench
 PROTOS := protos/encoder.proto protos/generator.proto
 
-.PHONY: help install proto proto-check lint typecheck check test demo demo-model bench up down clean
+.PHONY: help install proto proto-check lint typecheck check test demo demo-model bench bench-encoder bench-engine bench-serve up down clean
 
 help:
 	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
@@ -58,8 +58,16 @@ demo: install $(DEMO_MODEL)/config.json
 $(BENCH_MODEL)/config.json: common/demo_model.py common/assets/corpus.txt | install
 	$(PY) -m common.demo_model $(BENCH_MODEL) --size bench --seed 0
 
-bench: install $(BENCH_MODEL)/config.json
-	$(PY) -m benchmarks.run --model $(BENCH_MODEL)
+bench: bench-encoder bench-engine
+
+bench-encoder: install $(BENCH_MODEL)/config.json
+	$(PY) -m benchmarks.encoder_bench --model $(BENCH_MODEL)
+
+bench-engine: install $(BENCH_MODEL)/config.json
+	$(PY) -m benchmarks.engine_bench --model $(BENCH_MODEL)
+
+bench-serve: install $(BENCH_MODEL)/config.json
+	$(PY) -m benchmarks.serve_bench --model $(BENCH_MODEL)
 
 up:
 	docker compose up -d --build

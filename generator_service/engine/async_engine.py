@@ -1,0 +1,177 @@
+"""The engine loop in its own thread, with asyncio streams for callers (the gRPC servicer).
+
+    caller task ──add/abort──▶ command queue ──▶ engine thread: drain commands, step(), publish
+    caller task ◀──────────── per-request asyncio.Queue ◀── loop.call_soon_threadsafe(put_nowait)
+
+The engine (scheduler, block manager, runner) is touched only by the engine thread, so it needs no locks.
+A slow stream reader never stalls the loop: outputs go into an unbounded per-request queue. A caller that
+stops listening (client cancel, deadline) aborts its request in `finally`; the abort is applied at the next
+step boundary, which frees the request's KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from generator_service.engine.llm_engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shutdown or a fatal error); no request can be served."""
+
+
+class DuplicateRequestError(ValueError):
+    """A request with this id is already in flight (gRPC ALREADY_EXISTS)."""
+
+
+@dataclass(frozen=True)
+class _Add:
+    request: EngineRequest
+    stream: _Stream
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class _Stream:
+    """Delivers one request's outputs (or its error) from the engine thread to the caller's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        # RuntimeError: the caller's loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, *, on_step: Callable[[EngineStats], None] | None = None) -> None:
+        self.engine = engine
+        self._on_step = on_step
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="mmserve-engine", daemon=True)
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._stats = engine.stats()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop; requests still in flight end with EngineDeadError."""
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken after the last step (safe to read from any thread)."""
+        return self._stats
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs until its final one. Raises the engine's rejection (e.g.
+        `RequestRejected`) before any output. Leaving early (cancel, break, error) aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop())
+        self._commands.put(_Add(request, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(_Abort(request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # ---- engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                if not self._apply_commands(block=block):
+                    break
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()
+                if self._on_step is not None:
+                    self._on_step(self._stats)
+                for output in outputs:
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None:
+                        stream.put(output)
+                        if output.finished:
+                            del self._streams[output.request_id]
+        except BaseException as exc:  # a bug or device failure: fail every request loudly, never hang them
+            logger.exception("engine loop failed; failing %d in-flight request(s)", len(self._streams))
+            self._error = exc
+        finally:
+            self._stopped.set()
+            error = EngineDeadError("the engine stopped" if self._error is None else "the engine failed")
+            for stream in self._streams.values():
+                stream.put(error)
+            self._streams.clear()
+            self._fail_pending_adds(error)
+
+    def _apply_commands(self, *, block: bool) -> bool:
+        """Apply queued adds/aborts; wait for one when idle. False once shutdown was requested."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if command is None:
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            else:
+                self.engine.abort_request(command.request_id)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, command: _Add) -> None:
+        request_id = command.request.request_id
+        if request_id in self._streams:
+            command.stream.put(DuplicateRequestError(f"request id {request_id!r} is already in flight"))
+            return
+        try:
+            self.engine.add_request(command.request)
+        except ValueError as exc:  # RequestRejected and bad inputs: the caller gets it, the loop goes on
+            command.stream.put(exc)
+            return
+        self._streams[request_id] = command.stream
+
+    def _fail_pending_adds(self, error: BaseException) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                command.stream.put(error)

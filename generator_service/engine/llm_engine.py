@@ -1,0 +1,222 @@
+"""The synchronous engine: scheduler + model runner + detokenizers, one `step()` at a time.
+
+    out = scheduler.schedule()                 # which requests, how many tokens each
+    result = runner.execute(out.chunks, ...)   # one forward pass, one sampled token per finished chunk
+    finished = scheduler.update(out, result)   # progress, stop checks, blocks freed
+    -> RequestOutput per request that produced text or finished
+
+Transport-free and single-threaded: `AsyncEngine` runs it in its own thread for the gRPC service; the
+offline `LLM` calls `step()` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoProcessor
+
+from common.checkpoint import TextHalf, load_text_half, resolve_checkpoint
+from common.config import EngineConfig
+from generator_service.engine.block_manager import BlockManager
+from generator_service.engine.detokenizer import IncrementalDetokenizer
+from generator_service.engine.model_runner import KVCacheSpec, ModelRunner
+from generator_service.engine.request import ImageSpan, Request, RequestStatus
+from generator_service.engine.sampler import TokenLogprobs
+from generator_service.engine.sampling_params import SamplingParams
+from generator_service.engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    image_spans: tuple[ImageSpan, ...] = ()
+    image_embeddings: tuple[torch.Tensor, ...] = ()  # one per span, [span.length, hidden]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    image_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: new tokens and text, and on the last one the outcome."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort" when finished
+    stop_reason: int | str | None = None  # the stop string or stop/eos token that ended the request
+    usage: Usage | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    kv_blocks_total: int
+    kv_blocks_used: int
+    requests_running: int
+    requests_waiting: int
+    prefix_cache_hit_tokens_total: int
+    preemptions_total: int
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, text_half: TextHalf, processor: Any) -> None:
+        self.config = config
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        text_config = text_half.config.get_text_config()
+        self.max_model_len = config.max_model_len or int(text_config.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or self._blocks_for_memory(text_half, config, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(text_half.model, block_size=config.block_size, num_blocks=num_blocks)
+        eos = self.tokenizer.eos_token_id
+        self.eos_token_ids = frozenset() if eos is None else frozenset({int(eos)})
+        self._tracked: dict[str, _Tracked] = {}
+        self._aborted: list[Request] = []
+        logger.info(
+            "engine ready: %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_seqs %d, "
+            "max_num_batched_tokens %d, prefix caching %s",
+            num_blocks, config.block_size, num_blocks * self.runner.spec.bytes_per_block(config.block_size) / 2**20,
+            self.max_model_len, config.max_num_seqs, config.max_num_batched_tokens,
+            "on" if config.enable_prefix_caching else "off",
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        """Load the text half of the checkpoint and its processor (tokenizer, chat template, placeholder)."""
+        model = config.model
+        path = resolve_checkpoint(model.model, model.revision)
+        text_half = load_text_half(path, dtype=model.dtype, device=model.device)
+        return cls(config, text_half, AutoProcessor.from_pretrained(path))
+
+    @staticmethod
+    def _blocks_for_memory(text_half: TextHalf, config: EngineConfig, max_model_len: int) -> int:
+        """KV blocks that fit the memory budget, capped at what max_num_seqs full-length requests could use."""
+        per_block = KVCacheSpec.of(text_half.model).bytes_per_block(config.block_size)
+        by_memory = int(config.kv_cache_memory_gib * GiB) // per_block
+        by_demand = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
+        return max(1, min(by_memory, by_demand))
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def add_request(self, engine_request: EngineRequest) -> None:
+        """Admit a request; raises `RequestRejected` (a ValueError) when it can never fit."""
+        request = Request(
+            request_id=engine_request.request_id,
+            prompt_token_ids=engine_request.prompt_token_ids,
+            sampling=engine_request.sampling,
+            eos_token_ids=self.eos_token_ids,
+            image_spans=engine_request.image_spans,
+        )
+        self.scheduler.add_request(request)
+        try:
+            self.runner.add_request(request, engine_request.image_embeddings)
+        except Exception:
+            self.scheduler.abort_request(request.request_id)
+            raise
+        detokenizer = IncrementalDetokenizer(self.tokenizer, stop=engine_request.sampling.stop)
+        self._tracked[request.request_id] = _Tracked(request, detokenizer)
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort at any point; blocks are freed now and the ABORT output comes with the next step."""
+        tracked = self._tracked.get(request_id)
+        if tracked is None or tracked.request.is_finished:
+            return
+        self.scheduler.abort_request(request_id)
+        self._aborted.append(tracked.request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._tracked)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            requests_running=self.scheduler.num_running,
+            requests_waiting=self.scheduler.num_waiting,
+            prefix_cache_hit_tokens_total=self.scheduler.prefix_cache_hit_tokens_total,
+            preemptions_total=self.scheduler.num_preemptions_total,
+        )
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._final_output(request, [], "", []) for request in self._drain_aborted()]
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return outputs
+        requests = {chunk.request_id: self._tracked[chunk.request_id].request for chunk in scheduled.chunks}
+        result = self.runner.execute(scheduled.chunks, requests)
+        finished = {request.request_id for request in self.scheduler.update(scheduled, result.sampled_token_ids)}
+        for request_id, token_id in result.sampled_token_ids.items():
+            tracked = self._tracked[request_id]
+            request = tracked.request
+            logprobs = [result.logprobs[request_id]] if request_id in result.logprobs else []
+            delta = tracked.detokenizer.step([token_id])
+            text = delta.text
+            if delta.stopped and request_id not in finished:
+                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
+                finished.add(request_id)
+            if delta.stopped:
+                request.stop_reason = delta.stop_string
+            if request_id in finished:
+                outputs.append(self._final_output(request, [token_id], text, logprobs))
+            else:
+                outputs.append(RequestOutput(request_id, [token_id], text, logprobs=logprobs))
+        return outputs
+
+    def _drain_aborted(self) -> list[Request]:
+        aborted, self._aborted = self._aborted, []
+        return [request for request in aborted if request.request_id in self._tracked]
+
+    def _final_output(
+        self, request: Request, token_ids: list[int], text: str, logprobs: list[TokenLogprobs]
+    ) -> RequestOutput:
+        tracked = self._tracked.pop(request.request_id)
+        self.runner.remove_request(request.request_id)
+        if request.status is not RequestStatus.FINISHED_ABORTED:
+            text += tracked.detokenizer.flush()
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            finished=True,
+            finish_reason=request.finish_reason or "abort",
+            stop_reason=request.stop_reason,
+            usage=Usage(
+                prompt_tokens=request.num_prompt_tokens,
+                completion_tokens=request.num_output_tokens,
+                cached_prompt_tokens=request.num_cached_tokens,
+                image_tokens=request.num_image_tokens,
+            ),
+            logprobs=logprobs,
+        )

@@ -1,0 +1,209 @@
+"""The model runner: owns the language model, the paged KV cache tensors and the per-request tensors.
+
+One `execute()` per engine step: the scheduler's chunks become one flattened ragged batch
+
+    chunk i:        request r_i, positions [start_i, start_i + n_i)
+    flattened rows: [ chunk 0 rows | chunk 1 rows | ... ]          T = sum(n_i) rows
+    row t:          seq_idx[t] = i,  position[t] = start_i + (t - row_start_i)
+    cache slot:     block_table_i[position // block_size] * block_size + position % block_size
+
+which runs through HF's text model once (paged attention in `paged_attention.py`); the head runs only on the
+last row of each chunk that samples. All index arithmetic is tensor ops; the only Python loops are over
+chunks and images, never over tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from generator_service.engine import paged_attention
+from generator_service.engine.paged_attention import METADATA_KWARG, AttentionMetadata, PrefillChunk
+from generator_service.engine.request import ImageSpan, Request
+from generator_service.engine.sampler import Sampler, SamplingRow, TokenLogprobs
+from generator_service.engine.scheduler import ScheduledChunk
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    sampled_token_ids: dict[str, int]  # request id -> next token, for every chunk that samples
+    logprobs: dict[str, TokenLogprobs]  # only for requests that asked for logprobs
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def bytes_per_block(self, block_size: int) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element  # K and V
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> KVCacheSpec:
+        config = model.config
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            dtype=next(model.parameters()).dtype,
+        )
+
+
+class ModelRunner:
+    def __init__(self, model: PreTrainedModel, *, block_size: int, num_blocks: int) -> None:
+        self.model = model  # a *ForCausalLM: `.model` is the decoder stack, `.lm_head` the head
+        self.model.set_attn_implementation(paged_attention.register())
+        self.device = next(model.parameters()).device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.spec = KVCacheSpec.of(model)
+        with torch.inference_mode():
+            shape = (num_blocks * block_size, self.spec.num_kv_heads, self.spec.head_dim)
+            self.kv_caches = [
+                (
+                    torch.zeros(shape, dtype=self.spec.dtype, device=self.device),
+                    torch.zeros(shape, dtype=self.spec.dtype, device=self.device),
+                )
+                for _ in range(self.spec.num_layers)
+            ]
+        self.embed_tokens = model.get_input_embeddings()
+        self.sampler = Sampler()
+        self._images: dict[str, list[tuple[ImageSpan, torch.Tensor]]] = {}
+        self._generators: dict[str, torch.Generator | None] = {}
+
+    # ---- per-request tensors -----------------------------------------------------------------------------
+
+    def add_request(self, request: Request, image_embeddings: Sequence[torch.Tensor]) -> None:
+        """Keep the request's image embeddings (one per image span, [span.length, hidden]) and its RNG."""
+        if len(image_embeddings) != len(request.image_spans):
+            raise ValueError(f"{len(request.image_spans)} image spans but {len(image_embeddings)} embeddings")
+        dtype = self.spec.dtype
+        self._images[request.request_id] = [
+            (span, embedding.to(device=self.device, dtype=dtype))
+            for span, embedding in zip(request.image_spans, image_embeddings, strict=True)
+        ]
+        self._generators[request.request_id] = Sampler.make_generator(request.sampling.seed, self.device)
+
+    def remove_request(self, request_id: str) -> None:
+        self._images.pop(request_id, None)
+        self._generators.pop(request_id, None)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[ScheduledChunk], requests: Mapping[str, Request]) -> RunnerOutput:
+        if not chunks:
+            return RunnerOutput({}, {})
+        batch = self._prepare(chunks, requests)
+        hidden = self.model.model(
+            inputs_embeds=batch.inputs_embeds.unsqueeze(0),  # [1, T, hidden]
+            position_ids=batch.positions.unsqueeze(0),  # [1, T]
+            use_cache=False,
+            **{METADATA_KWARG: batch.attention},
+        ).last_hidden_state[0]  # [T, hidden]
+        sampling_chunks = [chunk for chunk in chunks if chunk.samples]
+        if not sampling_chunks:
+            return RunnerOutput({}, {})
+        logits = self.model.lm_head(hidden.index_select(0, batch.logits_rows)).float()  # [S, vocab]
+        rows = [self._sampling_row(requests[chunk.request_id]) for chunk in sampling_chunks]
+        result = self.sampler(logits, rows)
+        ids = [chunk.request_id for chunk in sampling_chunks]
+        logprobs = {rid: lp for rid, lp in zip(ids, result.logprobs, strict=True) if lp is not None}
+        return RunnerOutput(dict(zip(ids, result.token_ids, strict=True)), logprobs)
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        return SamplingRow(
+            params=request.sampling,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            generator=self._generators.get(request.request_id),
+        )
+
+    def _prepare(self, chunks: Sequence[ScheduledChunk], requests: Mapping[str, Request]) -> _Batch:
+        device, block_size = self.device, self.block_size
+        token_ids = list(
+            itertools.chain.from_iterable(
+                requests[c.request_id].all_token_ids[c.start : c.start + c.num_tokens] for c in chunks
+            )
+        )
+        starts = torch.tensor([c.start for c in chunks], device=device)  # [S]
+        lengths = torch.tensor([c.num_tokens for c in chunks], device=device)  # [S]
+        row_starts = torch.cumsum(lengths, 0) - lengths  # [S] first flattened row of each chunk
+        num_tokens = len(token_ids)
+        seq_idx = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths)  # [T]
+        positions = starts[seq_idx] + torch.arange(num_tokens, device=device) - row_starts[seq_idx]  # [T]
+        max_blocks = max(len(c.block_table) for c in chunks)
+        block_tables = torch.tensor(  # [S, max_blocks], padded with block 0 (never read: masked out)
+            [list(c.block_table) + [0] * (max_blocks - len(c.block_table)) for c in chunks], device=device
+        )
+        slot_mapping = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size  # [T]
+        context_lens = starts + lengths  # [S]
+
+        is_decode = lengths == 1
+        decode_idx = torch.nonzero(is_decode).flatten()  # [D] chunk indices
+        max_context = int(context_lens[decode_idx].max()) if decode_idx.numel() else 0
+        key_positions = torch.arange(max_context, device=device)  # [L]
+        decode_tables = block_tables.index_select(0, decode_idx)  # [D, max_blocks]
+        decode_slots = decode_tables[:, key_positions // block_size] * block_size + key_positions % block_size
+        decode_valid = key_positions[None, :] < context_lens.index_select(0, decode_idx)[:, None]  # [D, L]
+
+        prefills = []
+        for i, chunk in enumerate(chunks):
+            if chunk.num_tokens == 1:
+                continue
+            context = torch.arange(chunk.start + chunk.num_tokens, device=device)  # [ctx]
+            prefills.append(
+                PrefillChunk(
+                    token_start=int(row_starts[i]),
+                    num_tokens=chunk.num_tokens,
+                    context_slots=block_tables[i, context // block_size] * block_size + context % block_size,
+                    query_positions=context[chunk.start :],
+                )
+            )
+        attention = AttentionMetadata(
+            kv_caches=self.kv_caches,
+            slot_mapping=slot_mapping,
+            decode_rows=row_starts.index_select(0, decode_idx),
+            decode_slots=decode_slots,
+            decode_positions=starts.index_select(0, decode_idx),
+            decode_key_positions=key_positions,
+            decode_valid=decode_valid,
+            prefills=prefills,
+            num_tokens=num_tokens,
+        )
+        inputs_embeds = self.embed_tokens(torch.tensor(token_ids, device=device))  # [T, hidden]
+        self._scatter_images(inputs_embeds, chunks, row_starts.tolist())
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        logits_rows = (row_starts + lengths - 1)[torch.tensor(sampling, device=device, dtype=torch.long)]
+        return _Batch(inputs_embeds, positions, attention, logits_rows)
+
+    def _scatter_images(self, inputs_embeds: torch.Tensor, chunks: Sequence[ScheduledChunk], rows: list[int]) -> None:
+        """Overwrite the placeholder rows of each chunk with the matching rows of its image embeddings.
+
+        A chunk may start or end inside an image (chunked prefill, prefix-cache hits): only the overlap
+        [max(start, span.offset), min(end, span.end)) is copied, from embedding row (position - span.offset).
+        """
+        for chunk, row_start in zip(chunks, rows, strict=True):
+            end = chunk.start + chunk.num_tokens
+            for span, embedding in self._images.get(chunk.request_id, ()):
+                low, high = max(chunk.start, span.offset), min(end, span.end)
+                if low < high:
+                    target = slice(row_start + low - chunk.start, row_start + high - chunk.start)
+                    inputs_embeds[target] = embedding[low - span.offset : high - span.offset]
+
+
+@dataclass
+class _Batch:
+    inputs_embeds: torch.Tensor  # [T, hidden]
+    positions: torch.Tensor  # [T]
+    attention: AttentionMetadata
+    logits_rows: torch.Tensor  # [num_sampling_chunks] last row of each sampling chunk

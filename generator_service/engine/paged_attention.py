@@ -1,0 +1,107 @@
+"""Paged attention behind Hugging Face's `AttentionInterface`: HF's model code, our KV cache.
+
+The generator calls the HF text model with one flattened ragged batch (`inputs_embeds [1, T, hidden]`,
+explicit `position_ids`, `use_cache=False`) and `mmserve_attention=<AttentionMetadata>`. HF forwards unknown
+kwargs to the attention function of every layer, builds no mask for an unregistered implementation name
+(`attention_mask is None`), and applies RoPE before calling us. So per layer we only:
+
+1. write the step's new keys/values into the cache slots `slot_mapping` (token index -> block * bs + offset);
+2. attend, reading each sequence's context back through its block table:
+   - decode-like rows (one query per sequence) in one batched SDPA over a padded gather
+     `[num_decode, kv_heads, max_context, head_dim]` with a key-padding mask;
+   - each multi-token prefill chunk in its own SDPA with a bottom-right causal mask
+     (a chunk at positions [start, start + n) sees keys [0, start + i] for its row i).
+
+Sliding-window layers (Mistral) pass `sliding_window`; a key is then visible only if q_pos - k_pos < window.
+See shared/notes/hf-seam.md for the verified recipe and its pitfalls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "mmserve_paged"
+METADATA_KWARG = "mmserve_attention"
+
+
+@dataclass
+class PrefillChunk:
+    token_start: int  # first row of this chunk in the flattened batch
+    num_tokens: int
+    context_slots: torch.Tensor  # [start + num_tokens] cache slots of every position the chunk can see
+    query_positions: torch.Tensor  # [num_tokens] absolute positions (start .. start + n - 1)
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step tensors shared by all layers; built once per step by the model runner."""
+
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [num_slots, kv_heads, head_dim]
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V go
+    decode_rows: torch.Tensor  # [D] rows of the flattened batch that are single-token chunks
+    decode_slots: torch.Tensor  # [D, L] cache slots of each decode row's context, padded with slot 0
+    decode_positions: torch.Tensor  # [D] absolute position of each decode row's query
+    decode_key_positions: torch.Tensor  # [L] 0 .. L-1
+    decode_valid: torch.Tensor  # [D, L] bool: key position < context length
+    prefills: list[PrefillChunk]
+    num_tokens: int
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, heads, T, head_dim], RoPE applied
+    key: torch.Tensor,  # [1, kv_heads, T, head_dim], RoPE applied, the step's new tokens only
+    value: torch.Tensor,  # [1, kv_heads, T, head_dim]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    meta: AttentionMetadata = kwargs[METADATA_KWARG]
+    window: int | None = kwargs.get("sliding_window")
+    k_cache, v_cache = meta.kv_caches[module.layer_idx]  # type: ignore[index]
+    k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))  # [T, kv_heads, head_dim]
+    v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+
+    num_heads, head_dim = query.shape[1], query.shape[3]
+    gqa = num_heads != key.shape[1]
+    out = query.new_empty(meta.num_tokens, num_heads, head_dim)  # [T, heads, head_dim]
+
+    if meta.decode_rows.numel():
+        q = query[0].index_select(1, meta.decode_rows).transpose(0, 1).unsqueeze(2)  # [D, heads, 1, head_dim]
+        num_decode, max_len = meta.decode_slots.shape
+        flat = meta.decode_slots.reshape(-1)
+        k = k_cache.index_select(0, flat).view(num_decode, max_len, -1, head_dim).transpose(1, 2)  # [D, kvh, L, hd]
+        v = v_cache.index_select(0, flat).view(num_decode, max_len, -1, head_dim).transpose(1, 2)
+        visible = meta.decode_valid
+        if window is not None:
+            visible = visible & (meta.decode_positions[:, None] - meta.decode_key_positions[None, :] < window)
+        mask = visible[:, None, None, :]  # [D, 1, 1, L]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        out.index_copy_(0, meta.decode_rows, attended[:, :, 0, :])  # [D, heads, head_dim]
+
+    for chunk in meta.prefills:
+        rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        q = query[:, :, rows]  # [1, heads, n, head_dim]
+        k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)  # [1, kvh, ctx, head_dim]
+        v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
+        key_positions = torch.arange(chunk.context_slots.numel(), device=query.device)  # [ctx]
+        distance = chunk.query_positions[:, None] - key_positions[None, :]  # [n, ctx]
+        visible = distance >= 0
+        if window is not None:
+            visible = visible & (distance < window)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa)
+        out[rows] = attended[0].transpose(0, 1)  # [n, heads, head_dim]
+
+    return out.unsqueeze(0), None  # [1, T, heads, head_dim], as HF's attention functions return
+
+
+def register() -> str:
+    """Register the attention function with transformers (idempotent) and return its name."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    return ATTENTION_NAME
