@@ -114,8 +114,9 @@ class EngineConfig:
 
     model: ModelConfig
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None = size the cache from kv_cache_memory_gib
-    kv_cache_memory_gib: float = 1.0
+    num_kv_blocks: int | None = None  # None = size the cache from the memory budget below
+    kv_cache_memory_gib: float | None = None  # None = 1 GiB on CPU; on CUDA what is free after a warm-up pass
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the device memory mmserve may use in all
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None = the model's max_position_embeddings
@@ -127,7 +128,10 @@ class EngineConfig:
             self.num_kv_blocks is None or self.num_kv_blocks >= 1,
             f"--num-kv-blocks {self.num_kv_blocks}: use >= 1, or omit it to size the cache from memory",
         )
-        _check(self.kv_cache_memory_gib > 0, "--kv-cache-memory-gib must be > 0")
+        _check(
+            self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "--kv-cache-memory-gib must be > 0"
+        )
+        _check(0 < self.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]")
         _check(self.max_num_seqs >= 1, "--max-num-seqs must be >= 1")
         _check(self.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be >= 1")
         _check(self.max_model_len is None or self.max_model_len >= 2, "--max-model-len must be >= 2")
@@ -311,7 +315,12 @@ def generator_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.A
     _add_cache_flags(flags)
     flags.add("--block-size", type=int, default=16, help="tokens per KV-cache block")
     flags.add("--num-kv-blocks", type=optional_int, help="KV-cache blocks (unset = from --kv-cache-memory-gib)")
-    flags.add("--kv-cache-memory-gib", type=float, default=1.0, help="KV-cache size when --num-kv-blocks is unset")
+    flags.add(
+        "--kv-cache-memory-gib",
+        type=float,
+        help="KV-cache size when --num-kv-blocks is unset (unset = 1 GiB on CPU; on CUDA what is free after warm-up)",
+    )
+    flags.add("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of device memory to use")
     flags.add("--max-num-seqs", type=int, default=64, help="requests decoded together (running batch)")
     flags.add("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     flags.add("--max-model-len", type=optional_int, help="prompt + output limit (unset = the model's maximum)")
@@ -329,6 +338,7 @@ def generator_config_from_args(
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gib=args.kv_cache_memory_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,

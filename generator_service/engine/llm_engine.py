@@ -122,9 +122,13 @@ class LLMEngine:
     def _blocks_for_memory(text_half: TextHalf, config: EngineConfig, max_model_len: int) -> int:
         """KV blocks that fit the memory budget, capped at what max_num_seqs full-length requests could use."""
         per_block = KVCacheSpec.of(text_half.model).bytes_per_block(config.block_size)
-        by_memory = int(config.kv_cache_memory_gib * GiB) // per_block
+        budget = config.kv_cache_memory_gib
+        if budget is None:
+            budget_bytes = _free_cuda_memory_after_warmup(text_half, config) if config.model.device != "cpu" else GiB
+        else:
+            budget_bytes = int(budget * GiB)
         by_demand = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
-        return max(1, min(by_memory, by_demand))
+        return max(1, min(budget_bytes // per_block, by_demand))
 
     # ---- requests ------------------------------------------------------------------------------------------
 
@@ -220,3 +224,33 @@ class LLMEngine:
             ),
             logprobs=logprobs,
         )
+
+
+def _free_cuda_memory_after_warmup(text_half: TextHalf, config: EngineConfig) -> int:
+    """Bytes left for the KV cache on CUDA: the device's share minus weights and a full-budget forward's peak.
+
+    The warm-up forward runs `max_num_batched_tokens` tokens through the model with HF's SDPA attention (the
+    paged attention needs the cache that is being sized); its activation peak is what one engine step needs.
+    """
+    device = torch.device(config.model.device)
+    model = text_half.model
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    num_tokens = config.max_num_batched_tokens
+    hidden = model.config.hidden_size
+    with torch.inference_mode():
+        embeds = torch.zeros(1, num_tokens, hidden, dtype=next(model.parameters()).dtype, device=device)
+        positions = torch.arange(num_tokens, device=device)[None]
+        model.model(inputs_embeds=embeds, position_ids=positions, use_cache=False)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(total * config.gpu_memory_utilization) - peak
+    available = min(budget, free)
+    if available <= 0:
+        raise RuntimeError(
+            f"no GPU memory left for the KV cache (peak {peak / GiB:.1f} GiB of {total / GiB:.1f} GiB): raise "
+            "--gpu-memory-utilization, lower --max-num-batched-tokens, or set --num-kv-blocks"
+        )
+    logger.info("KV cache budget on %s: %.2f GiB (warm-up peak %.2f GiB)", device, available / GiB, peak / GiB)
+    return available
