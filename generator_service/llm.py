@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,7 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         max_cached_images: int = 256,
+        encode_batch_size: int = 16,
     ) -> None:
         self.model_config = ModelConfig(model=model, device=device, dtype=dtype, revision=revision)
         self.config = EngineConfig(
@@ -87,6 +88,7 @@ class LLM:
         self._encoder: VisionEncoder | None = None
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._max_cached_images = max_cached_images
+        self._encode_batch_size = encode_batch_size
         self._ids = itertools.count()
 
     @property
@@ -110,8 +112,7 @@ class LLM:
         """
         prompt_list = [prompts] if isinstance(prompts, str | Mapping) else list(prompts)
         params = self._params_per_prompt(sampling_params, len(prompt_list))
-        requests = [self._engine_request(prompt, p) for prompt, p in zip(prompt_list, params, strict=True)]
-        return self._run(requests)
+        return self._run(self._engine_requests(prompt_list, params))
 
     def chat(
         self,
@@ -137,8 +138,32 @@ class LLM:
             raise ValueError(f"{len(sampling_params)} sampling params for {count} prompts")
         return list(sampling_params)
 
-    def _engine_request(self, prompt: PromptLike, params: SamplingParams) -> EngineRequest:
-        request_id = f"llm-{next(self._ids)}"
+    def _engine_requests(self, prompts: list[PromptLike], params: list[SamplingParams]) -> list[EngineRequest]:
+        """Validate every prompt first, then encode all uncached images in batches, then tokenize."""
+        parsed = [self._parse(prompt) for prompt in prompts]
+        keyed = {id(image): self._key_and_image(image) for _, images in parsed for image in images}
+        embeddings = self._embeddings_for(list(keyed.values()))
+        requests = []
+        for (text, images), sampling in zip(parsed, params, strict=True):
+            request_id = f"llm-{next(self._ids)}"
+            if isinstance(text, list):
+                requests.append(EngineRequest(request_id, text, sampling))
+                continue
+            keys = [keyed[id(image)][0] for image in images]
+            rows = [embeddings[key].shape[0] for key in keys]
+            tokenized = self.inputs.tokenize(text, keys, rows)
+            requests.append(
+                EngineRequest(
+                    request_id=request_id,
+                    prompt_token_ids=tokenized.token_ids,
+                    sampling=sampling,
+                    image_spans=tokenized.image_spans,
+                    image_embeddings=tuple(embeddings[key] for key in keys),
+                )
+            )
+        return requests
+
+    def _parse(self, prompt: PromptLike) -> tuple[str | list[int], list[ImageLike]]:
         if isinstance(prompt, str):
             prompt = {"prompt": prompt}
         images = (prompt.get("multi_modal_data") or {}).get("image", [])
@@ -146,32 +171,32 @@ class LLM:
         if "prompt_token_ids" in prompt:
             if images:
                 raise ValueError("prompt_token_ids with images is not supported: pass the prompt text")
-            return EngineRequest(request_id, [int(t) for t in prompt["prompt_token_ids"]], params)
+            return [int(t) for t in prompt["prompt_token_ids"]], []
         text = str(prompt["prompt"])
         self.inputs.check_placeholders(text, len(images))  # before encoding: a mismatch wastes no forward pass
-        keyed = [self._embedding(image) for image in images]
-        tokenized = self.inputs.tokenize(text, [key for key, _ in keyed], [emb.shape[0] for _, emb in keyed])
-        return EngineRequest(
-            request_id=request_id,
-            prompt_token_ids=tokenized.token_ids,
-            sampling=params,
-            image_spans=tokenized.image_spans,
-            image_embeddings=tuple(emb for _, emb in keyed),
-        )
+        return text, images
 
-    def _embedding(self, image: ImageLike) -> tuple[str, torch.Tensor]:
-        key, decoded = self._key_and_image(image)
-        cached = self._embeddings.get(key)
-        if cached is not None:
-            self._embeddings.move_to_end(key)
-            return key, cached
-        embedding = self.encoder.encode([decoded()])[0]
-        self._embeddings[key] = embedding
+    def _embeddings_for(self, keyed: list[tuple[str, Callable[[], Image.Image]]]) -> dict[str, torch.Tensor]:
+        """Embeddings of every key: cached ones from the LRU, the rest encoded in batches (each image once)."""
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, Callable[[], Image.Image]] = {}
+        for key, decode in keyed:
+            cached = self._embeddings.get(key)
+            if cached is not None:
+                self._embeddings.move_to_end(key)
+                found[key] = cached
+            elif key not in found:
+                missing[key] = decode
+        pending = list(missing.items())
+        for start in range(0, len(pending), self._encode_batch_size):
+            batch = pending[start : start + self._encode_batch_size]
+            for (key, _), embedding in zip(batch, self.encoder.encode([decode() for _, decode in batch]), strict=True):
+                found[key] = self._embeddings[key] = embedding
         while len(self._embeddings) > self._max_cached_images:
             self._embeddings.popitem(last=False)
-        return key, embedding
+        return found
 
-    def _key_and_image(self, image: ImageLike) -> tuple[str, Any]:
+    def _key_and_image(self, image: ImageLike) -> tuple[str, Callable[[], Image.Image]]:
         """The image's cache key (without decoding file bytes) and a thunk that decodes it."""
         fingerprint = self.encoder.fingerprint
         if isinstance(image, Image.Image):
