@@ -1,0 +1,233 @@
+"""Embedding caches keyed by image key: an in-process LRU and Redis. Shared by the encoder and the generator.
+
+Both implement `EmbeddingCache`. Keys are the hex image keys of `common.hashing.image_key`; values are
+`[num_tokens, hidden_size]` CPU tensors. Nothing here knows about the encoder: owners pass the fingerprint the
+records must carry and hooks for their own metrics.
+
+Failure policy (the cache is optional, a request never fails because of it):
+    get   -> the tensor, None on a miss, or CacheUnavailableError when the backend could not answer in time
+             (callers encode anyway; an `embedding_key`-only lookup turns it into UNAVAILABLE);
+    put   -> never raises for backend faults; the entry is simply not stored.
+A Redis record that fails verification (header, length, fingerprint, dtype, shape, non-finite values) is a
+miss, and is deleted if it is still the value we read (compare-and-delete, so a fresh write is not lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
+
+import torch
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from common.config import CacheConfig
+from common.embedding_record import EmbeddingRecord, RecordError, decode_record, encode_record
+from common.hashing import redis_key
+from common.tensor_codec import TensorDecodeError, tensor_from_bytes, tensor_to_bytes
+from encoder_service.circuit_breaker import CircuitBreaker
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+# Compare-and-delete: drop a poisoned record only if nobody replaced it since we read it.
+_DELETE_IF_UNCHANGED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class CacheUnavailableError(Exception):
+    """The cache backend did not answer (error, timeout, or circuit breaker open)."""
+
+
+class EmbeddingCache(Protocol):
+    async def get(self, key: str) -> torch.Tensor | None:
+        """The embedding stored under image `key`, None on a miss; raises CacheUnavailableError when unsure."""
+        ...
+
+    async def put(self, key: str, embedding: torch.Tensor) -> None:
+        """Store best-effort; never raises for backend faults."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class LocalEmbeddingCache:
+    """In-process LRU bounded in bytes (tensor payload), thread-safe. Capacity 0 stores nothing.
+
+    Returned tensors are the stored objects: callers must not modify them in place.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes ({capacity_bytes}) must be >= 0")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._size_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size_bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get_sync(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            tensor = self._entries.get(key)
+            if tensor is not None:
+                self._entries.move_to_end(key)
+            return tensor
+
+    def put_sync(self, key: str, embedding: torch.Tensor) -> None:
+        size = _nbytes(embedding)
+        if size > self.capacity_bytes:
+            return  # would evict everything and still not fit
+        stored = embedding.detach().to("cpu")
+        with self._lock:
+            previous = self._entries.pop(key, None)
+            if previous is not None:
+                self._size_bytes -= _nbytes(previous)
+            self._entries[key] = stored
+            self._size_bytes += size
+            while self._size_bytes > self.capacity_bytes:
+                _, evicted = self._entries.popitem(last=False)  # least recently used first
+                self._size_bytes -= _nbytes(evicted)
+
+    async def get(self, key: str) -> torch.Tensor | None:
+        return self.get_sync(key)
+
+    async def put(self, key: str, embedding: torch.Tensor) -> None:
+        self.put_sync(key, embedding)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._size_bytes = 0
+
+
+class RedisEmbeddingCache:
+    """Redis-backed cache of verified embedding records (`common.embedding_record`) under `mmserve:emb:<key>`.
+
+    Every call is time-boxed by `timeout_s`; failures call `on_error(op)` and feed a circuit breaker that skips
+    Redis for `breaker_cooldown_s` after `breaker_failures` consecutive failures. `expected_dtype` and
+    `expected_shape`, when given, are checked on read too. Use from one asyncio event loop.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        fingerprint: str,
+        *,
+        timeout_s: float = 0.05,
+        ttl_s: int = 0,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 10.0,
+        expected_dtype: str | None = None,
+        expected_shape: tuple[int, int] | None = None,
+        on_error: Callable[[str], None] | None = None,
+        on_poisoned: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self.fingerprint = fingerprint
+        self._timeout_s = timeout_s
+        self._ttl_s = ttl_s
+        self._expected_dtype = expected_dtype
+        self._expected_shape = expected_shape
+        self._on_error = on_error
+        self._on_poisoned = on_poisoned
+        self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s, clock)
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, fingerprint: str, **kwargs: object) -> RedisEmbeddingCache:
+        """A cache for `config.redis_url`. The client never retries: the caller's time box is the only budget."""
+        if config.redis_url is None:
+            raise ValueError("CacheConfig.redis_url is not set")
+        timeout_s = config.redis_timeout_ms / 1000
+        client = Redis.from_url(
+            config.redis_url,
+            socket_timeout=max(1.0, 4 * timeout_s),  # the asyncio time box below is the real limit
+            socket_connect_timeout=max(0.5, 2 * timeout_s),
+            retry=Retry(NoBackoff(), 0),
+            max_connections=256,
+        )
+        return cls(
+            client,
+            fingerprint,
+            timeout_s=timeout_s,
+            ttl_s=config.ttl_s,
+            breaker_failures=config.breaker_failures,
+            breaker_cooldown_s=config.breaker_cooldown_s,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    async def get(self, key: str) -> torch.Tensor | None:
+        name = redis_key(key)
+        raw = await self._call("get", lambda: self._client.get(name))
+        if raw is None:
+            return None
+        blob = raw if isinstance(raw, bytes) else raw.encode()  # str only from a decode_responses client
+        try:
+            return self._verify(blob)
+        except (RecordError, TensorDecodeError) as exc:
+            logger.warning("poisoned embedding record %s deleted: %s", name, exc)
+            if self._on_poisoned is not None:
+                self._on_poisoned()
+            await self._delete_if_unchanged(name, blob)
+            return None
+
+    async def put(self, key: str, embedding: torch.Tensor) -> None:
+        if not torch.isfinite(embedding).all():
+            return  # never store what a reader would reject as poisoned
+        dtype, shape, data = tensor_to_bytes(embedding)
+        blob = encode_record(EmbeddingRecord(dtype=dtype, shape=tuple(shape), fingerprint=self.fingerprint, data=data))
+        # A failed SET is counted by _call; the embedding is still returned to the caller.
+        with contextlib.suppress(CacheUnavailableError):
+            await self._call("set", lambda: self._client.set(redis_key(key), blob, ex=self._ttl_s or None))
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _verify(self, blob: bytes) -> torch.Tensor:
+        record = decode_record(blob, self.fingerprint)
+        if self._expected_dtype is not None and record.dtype != self._expected_dtype:
+            raise RecordError(f"record dtype {record.dtype}, expected {self._expected_dtype}")
+        if self._expected_shape is not None and record.shape != self._expected_shape:
+            raise RecordError(f"record shape {list(record.shape)}, expected {list(self._expected_shape)}")
+        tensor = tensor_from_bytes(record.dtype, record.shape, record.data)
+        if not torch.isfinite(tensor).all():
+            raise RecordError("record holds NaN or infinite values")
+        return tensor
+
+    async def _delete_if_unchanged(self, name: str, blob: bytes) -> None:
+        # If the delete fails, the next reader finds the record poisoned again and retries it.
+        with contextlib.suppress(CacheUnavailableError):
+            await self._call("delete", lambda: self._client.eval(_DELETE_IF_UNCHANGED, 1, name, blob))
+
+    async def _call(self, op: str, command: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one Redis command within the time box, through the circuit breaker."""
+        if not self.breaker.allow():
+            raise CacheUnavailableError("Redis skipped: circuit breaker open")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                result = await command()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.record_failure()
+            if self._on_error is not None:
+                self._on_error(op)
+            logger.debug("redis %s failed: %s: %s", op, type(exc).__name__, exc)
+            raise CacheUnavailableError(f"Redis {op} failed: {type(exc).__name__}") from None
+        self.breaker.record_success()
+        return result

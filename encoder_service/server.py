@@ -1,0 +1,171 @@
+"""Build, start and stop one encoder server: gRPC (Encoder + health + reflection) and Prometheus metrics.
+
+Start-up order, so that load balancers and probes always get an honest answer:
+
+    listen()  bind the gRPC port and the metrics port; health NOT_SERVING; Encode answers UNAVAILABLE
+    load()    load the vision half in a worker thread (the event loop keeps answering health checks),
+              build the cache, run one warm-up batch through the batcher -> health SERVING
+    stop()    health NOT_SERVING, new calls UNAVAILABLE, in-flight calls get `grace` seconds, then the
+              batcher, cache and metrics endpoint are closed
+
+`serve(config)` does all three around SIGTERM/SIGINT and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+
+from common.config import ConfigError, EncoderConfig
+from encoder_service.core import EncoderCore, make_cache
+from encoder_service.embedding_cache import EmbeddingCache
+from encoder_service.image_io import ImageLimits
+from encoder_service.metrics import EncoderMetrics, MetricsHttpServer
+from encoder_service.servicer import EncoderServicer
+from encoder_service.vision_encoder import VisionEncoder
+from protos import encoder_pb2, encoder_pb2_grpc
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME: str = encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name  # mmserve.encoder.v1.Encoder
+EncoderFactory = Callable[[], VisionEncoder]
+
+
+def image_limits(config: EncoderConfig) -> ImageLimits:
+    try:
+        return ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+    except ValueError as exc:
+        raise ConfigError(f"--max-image-bytes / --max-image-pixels: {exc}") from None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class EncoderServer:
+    """One encoder replica. `encoder_factory` (default: load `config.model`) runs in a worker thread;
+    `cache` (default: from `config.cache`) lets tests inject one."""
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        *,
+        encoder_factory: EncoderFactory | None = None,
+        cache: EmbeddingCache | None = None,
+    ) -> None:
+        self.config = config
+        self.limits = image_limits(config)
+        self.metrics = EncoderMetrics()
+        self._encoder_factory = encoder_factory or (lambda: VisionEncoder(config.model))
+        self._cache = cache
+        self._servicer = EncoderServicer(config, self.metrics)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: MetricsHttpServer | None = None
+        self.core: EncoderCore | None = None
+        self.port = 0
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_http is None else self._metrics_http.port
+
+    async def start(self) -> None:
+        await self.listen()
+        await self.load()
+
+    async def listen(self) -> None:
+        server_config = self.config.server
+        limit = server_config.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a second replica on a taken port must fail, not share it
+            ]
+        )
+        encoder_pb2_grpc.add_EncoderServicer_to_server(self._servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(_address(server_config.host, server_config.port))
+        await self._server.start()
+        if server_config.metrics_port is not None:
+            self._metrics_http = MetricsHttpServer(self.metrics, server_config.host, server_config.metrics_port)
+        logger.info("encoder listening on %s:%d (metrics port %s); loading model", server_config.host, self.port,
+                    self.metrics_port)
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        encoder = await loop.run_in_executor(None, self._encoder_factory)
+        cache = self._cache if self._cache is not None else make_cache(self.config.cache, encoder, self.metrics)
+        core = EncoderCore(
+            encoder,
+            cache,
+            limits=self.limits,
+            max_batch_size=self.config.max_batch_size,
+            max_batch_wait_s=self.config.max_batch_wait_ms / 1000,
+            metrics=self.metrics,
+        )
+        core.start()
+        # Warm-up through the batcher thread (kernels, allocator, thread pools), not through the cache.
+        blank = await loop.run_in_executor(None, encoder.preprocess, [Image.new("RGB", (64, 64), (127, 127, 127))])
+        await core.batcher.submit(blank[0])
+        self.core = core
+        self._servicer.attach(core)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("encoder ready: %s; cache %s", encoder.describe(), type(cache).__name__)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; `grace` defaults to --shutdown-grace-s. Idempotent."""
+        grace = self.config.server.shutdown_grace_s if grace is None else grace
+        self._servicer.draining = True
+        await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self.core is not None:
+            await self.core.close()
+            self.core = None
+        if self._metrics_http is not None:
+            self._metrics_http.close()
+            self._metrics_http = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+
+async def serve(config: EncoderConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code (0)."""
+    server = EncoderServer(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await server.listen()
+        loading = asyncio.ensure_future(server.load())
+        stopped = asyncio.ensure_future(stop_requested.wait())
+        await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # a failed load raises here
+            await stopped
+        else:
+            loading.cancel()
+        logger.info("signal received: draining for up to %.1f s", config.server.shutdown_grace_s)
+    finally:
+        await server.stop()
+    return 0
