@@ -1,0 +1,275 @@
+"""Build, start and stop one generator server: gRPC (Generator + health + reflection) and Prometheus metrics.
+
+Start-up order, so that load balancers and probes always get an honest answer:
+
+    listen()  bind the gRPC port and the metrics port; health NOT_SERVING; Generate answers UNAVAILABLE
+    load()    load the language model (and, without --encoder-address, the vision encoder) in a worker
+              thread, start the engine thread, run one tiny generation, check the encoder's fingerprint
+              -> health SERVING
+    stop()    health NOT_SERVING and new calls UNAVAILABLE; in-flight streams get `grace` seconds to finish;
+              whatever is still running then ends with UNAVAILABLE; engine, caches and metrics endpoint closed
+
+`serve(config)` does all three around SIGTERM/SIGINT and returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.checkpoint import load_llava_config, resolve_checkpoint
+from common.config import GeneratorConfig
+from generator_service.engine.async_engine import AsyncEngine
+from generator_service.engine.llm_engine import EngineRequest, EngineStats, LLMEngine
+from generator_service.engine.sampling_params import SamplingParams
+from generator_service.image_resolver import ImageResolver
+from generator_service.inputs import InputProcessor
+from generator_service.metrics import GeneratorMetrics, MetricsHttpServer
+from generator_service.servicer import GeneratorBackend, GeneratorServicer
+from protos import encoder_pb2, generator_pb2, generator_pb2_grpc
+
+if TYPE_CHECKING:
+    from encoder_service.core import EncoderCore
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME: str = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name  # mmserve.generator.v1.Generator
+HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_NO_STATS = EngineStats(0, 0, 0, 0, 0, 0)
+_WATCHDOG_PERIOD_S = 1.0
+_FINAL_STATUS_GRACE_S = 1.0  # after the drain grace: time to deliver the UNAVAILABLE of cut-off streams
+try:
+    VERSION = importlib.metadata.version("mmserve")
+except importlib.metadata.PackageNotFoundError:  # running from a checkout
+    VERSION = "0.1.0"
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Large messages, and keepalive settings under which long, quiet token streams survive proxies and NATs."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second replica on a taken port must fail, not share it
+        ("grpc.keepalive_time_ms", 20_000),  # ping each client every 20 s, so dead peers are noticed
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # a stream waiting for its next token is still alive
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),  # accept client pings every 5 s
+        ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY a client for pinging
+    ]
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    engine: LLMEngine
+    core: EncoderCore | None  # when images are encoded in this process
+    image_size: int
+
+
+class GeneratorServer:
+    """One generator replica."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        self.config = config
+        self.metrics = GeneratorMetrics(self._engine_stats)
+        engine_config = config.engine
+        self._servicer = GeneratorServicer(
+            metrics=self.metrics, max_in_flight=engine_config.max_num_seqs + config.max_queue_len
+        )
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: MetricsHttpServer | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self.engine: AsyncEngine | None = None
+        self.resolver: ImageResolver | None = None
+        self.port = 0
+        self._stopped = False
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_http is None else self._metrics_http.port
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._servicer.num_in_flight
+
+    def _engine_stats(self) -> EngineStats:
+        return _NO_STATS if self.engine is None else self.engine.stats()
+
+    async def start(self) -> None:
+        await self.listen()
+        await self.load()
+
+    async def listen(self) -> None:
+        server_config = self.config.server
+        self._server = grpc.aio.server(options=server_options(server_config.max_message_bytes))
+        generator_pb2_grpc.add_GeneratorServicer_to_server(self._servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(_address(server_config.host, server_config.port))
+        await self._server.start()
+        if server_config.metrics_port is not None:
+            self._metrics_http = MetricsHttpServer(
+                self.metrics.registry, server_config.host, server_config.metrics_port
+            )
+        logger.info(
+            "generator listening on %s:%d (metrics port %s); loading model",
+            server_config.host, self.port, self.metrics_port,
+        )  # fmt: skip
+
+    async def load(self) -> None:
+        """Load, warm up, check the encoder, then report SERVING."""
+        loaded = await asyncio.to_thread(self._load_models)
+        engine = AsyncEngine(loaded.engine)
+        engine.start()
+        self.engine = engine
+        inputs = InputProcessor(loaded.engine.processor)
+        hidden_size = int(loaded.engine.runner.model.config.hidden_size)
+        core = loaded.core
+        if core is not None:
+            core.start()
+        self.resolver = ImageResolver.from_config(
+            self.config,
+            hidden_size=hidden_size,
+            tokens_per_image=inputs.tokens_per_image,
+            metrics=self.metrics,
+            core=core,
+        )
+        await self._warm_up(engine, inputs)
+        await self.resolver.verify_encoder()
+        resolver, model = self.resolver, self.config.engine.model
+
+        def model_info() -> encoder_pb2.ModelInfo:
+            return encoder_pb2.ModelInfo(
+                model_id=model.model,
+                fingerprint=resolver.fingerprint,
+                dtype=model.dtype,
+                device=model.device,
+                image_placeholder=inputs.image_token,
+                hidden_size=hidden_size,
+                max_context=loaded.engine.max_model_len,
+                image_token_id=inputs.image_token_id,
+                image_size=loaded.image_size,
+                version=VERSION,
+            )
+
+        self._servicer.attach(
+            GeneratorBackend(
+                engine=engine,
+                inputs=inputs,
+                resolver=self.resolver,
+                max_model_len=loaded.engine.max_model_len,
+                model_info=model_info,
+            )
+        )
+        self._watchdog = asyncio.create_task(self._watch_engine(engine))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "generator ready: model %s, encoder %s, redis %s",
+            model.model, self.config.encoder_address or "in-process", "on" if self.config.cache.redis_url else "off",
+        )  # fmt: skip
+
+    def _load_models(self) -> _Loaded:
+        engine = LLMEngine.from_config(self.config.engine)
+        model = self.config.engine.model
+        image_size = int(getattr(load_llava_config(resolve_checkpoint(model.model, model.revision)).vision_config,
+                                 "image_size", 0))  # fmt: skip
+        core = None
+        if self.config.encoder_address is None:  # single-process deployment: encode images here
+            from encoder_service.core import EncoderCore
+            from encoder_service.embedding_cache import LocalEmbeddingCache
+            from encoder_service.image_io import ImageLimits
+            from encoder_service.vision_encoder import VisionEncoder
+
+            # The resolver owns the caches; the core only decodes, batches and encodes (its own cache is empty).
+            core = EncoderCore(VisionEncoder(model), LocalEmbeddingCache(0), limits=ImageLimits())
+        return _Loaded(engine=engine, core=core, image_size=image_size)
+
+    async def _warm_up(self, engine: AsyncEngine, inputs: InputProcessor) -> None:
+        started = time.perf_counter()
+        token_ids = inputs.tokenize("Hello", [], []).token_ids
+        request = EngineRequest(f"warmup-{uuid.uuid4().hex}", token_ids, SamplingParams(max_tokens=2, temperature=0))
+        async for _ in engine.generate(request):
+            pass
+        logger.info("warm-up generation took %.0f ms", (time.perf_counter() - started) * 1000)
+
+    async def _watch_engine(self, engine: AsyncEngine) -> None:
+        """A dead engine thread makes this replica NOT_SERVING, so traffic moves elsewhere."""
+        while engine.is_alive:
+            await asyncio.sleep(_WATCHDOG_PERIOD_S)
+        if not self._stopped:
+            logger.error("the engine thread stopped: reporting NOT_SERVING")
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; `grace` defaults to --shutdown-grace-s. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.server.shutdown_grace_s if grace is None else grace
+        self._servicer.draining = True
+        await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        in_flight = self._servicer.num_in_flight
+        if in_flight:
+            logger.info("draining: %d stream(s) in flight, up to %.1f s", in_flight, grace)
+            try:
+                await asyncio.wait_for(self._servicer.wait_idle(), grace)
+            except TimeoutError:
+                logger.warning("grace period over: ending %d stream(s) with UNAVAILABLE", self._servicer.num_in_flight)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)  # streams still running get EngineDeadError
+        if self._server is not None:
+            await self._server.stop(_FINAL_STATUS_GRACE_S)
+            self._server = None
+        if self.resolver is not None:
+            await self.resolver.close()
+        if self._metrics_http is not None:
+            self._metrics_http.close()
+            self._metrics_http = None
+        logger.info("generator stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+
+async def serve(config: GeneratorConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code (0)."""
+    server = GeneratorServer(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await server.listen()
+        loading = asyncio.ensure_future(server.load())
+        stopped = asyncio.ensure_future(stop_requested.wait())
+        await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # a failed load raises here
+            await stopped
+        else:
+            loading.cancel()
+        logger.info("signal received: draining for up to %.1f s", config.server.shutdown_grace_s)
+    finally:
+        await server.stop()
+    return 0
