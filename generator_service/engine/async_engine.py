@@ -162,7 +162,9 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(command.request)
-        except ValueError as exc:  # RequestRejected and bad inputs: the caller gets it, the loop goes on
+        except Exception as exc:  # RequestRejected, bad inputs, a bad tensor: only this request fails
+            if not isinstance(exc, ValueError):
+                logger.exception("request %s could not be added to the engine", request_id)
             command.stream.put(exc)
             return
         self._streams[request_id] = command.stream
