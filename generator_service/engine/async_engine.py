@@ -16,7 +16,7 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from generator_service.engine.llm_engine import EngineRequest, EngineStats, LLMEngine, RequestOutput
@@ -83,7 +83,7 @@ class AsyncEngine:
         """A snapshot taken after the last step (safe to read from any thread)."""
         return self._stats
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs until its final one. Raises the engine's rejection (e.g.
         `RequestRejected`) before any output. Leaving early (cancel, break, error) aborts the request."""
         if not self.is_alive:
