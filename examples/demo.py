@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     redis_url = DEFAULT_REDIS if redis_answers(DEFAULT_REDIS) else None
     cache = f"Redis at {redis_url}" if redis_url else "no Redis at 127.0.0.1:6379: in-process caches"
     print(f"mmserve demo: {args.model}, image {args.image}; {cache}")
+    print("  (the demo checkpoint has random weights: the answers are noise, the mechanics are real)")
     redis_flags = ["--redis-url", redis_url] if redis_url else []
     encoder_port, generator_port, encoder_metrics, generator_metrics = free_ports(4)
     with tempfile.TemporaryDirectory(prefix="mmserve-demo-") as scratch_dir:
