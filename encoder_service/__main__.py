@@ -6,28 +6,20 @@ Every flag can also be set as an `MMSERVE_*` environment variable (`--help` list
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 from collections.abc import Sequence
 
-from common.checkpoint import CheckpointError
-from common.config import ConfigError, encoder_config_from_args
+from common.config import encoder_config_from_args
+from common.serving import cli_main
 from encoder_service.server import serve
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        config = encoder_config_from_args(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return asyncio.run(serve(config))
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli_main(encoder_config_from_args, serve, argv, configure_logging=_configure_logging)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 
 import grpc
@@ -24,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
 from common.config import ConfigError, EncoderConfig
+from common.serving import MetricsHttpServer, bind_and_start, run_until_signal, set_health, start_metrics_http
 from encoder_service.core import EncoderCore, make_cache
 from encoder_service.embedding_cache import EmbeddingCache
 from encoder_service.image_io import ImageLimits
-from encoder_service.metrics import EncoderMetrics, MetricsHttpServer
+from encoder_service.metrics import EncoderMetrics
 from encoder_service.servicer import EncoderServicer
 from encoder_service.vision_encoder import VisionEncoder
 from protos import encoder_pb2, encoder_pb2_grpc
@@ -42,10 +42,6 @@ def image_limits(config: EncoderConfig) -> ImageLimits:
         return ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
     except ValueError as exc:
         raise ConfigError(f"--max-image-bytes / --max-image-pixels: {exc}") from None
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class EncoderServer:
@@ -96,12 +92,14 @@ class EncoderServer:
             self._server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(_address(server_config.host, server_config.port))
-        await self._server.start()
-        if server_config.metrics_port is not None:
-            self._metrics_http = MetricsHttpServer(self.metrics, server_config.host, server_config.metrics_port)
-        logger.info("encoder listening on %s:%d (metrics port %s); loading model", server_config.host, self.port,
-                    self.metrics_port)
+        self.port = await bind_and_start(self._server, server_config.host, server_config.port)
+        self._metrics_http = start_metrics_http(self.metrics.registry, server_config.host, server_config.metrics_port)
+        logger.info(
+            "encoder listening on %s:%d (metrics port %s); loading model",
+            server_config.host,
+            self.port,
+            self.metrics_port,
+        )
 
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -144,28 +142,9 @@ class EncoderServer:
             await self._server.wait_for_termination()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, status)
+        await set_health(self._health, SERVICE_NAME, status)
 
 
 async def serve(config: EncoderConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code (0)."""
-    server = EncoderServer(config)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    try:
-        await server.listen()
-        loading = asyncio.ensure_future(server.load())
-        stopped = asyncio.ensure_future(stop_requested.wait())
-        await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
-        if loading.done():
-            loading.result()  # a failed load raises here
-            await stopped
-        else:
-            loading.cancel()
-        logger.info("signal received: draining for up to %.1f s", config.server.shutdown_grace_s)
-    finally:
-        await server.stop()
-    return 0
+    return await run_until_signal(EncoderServer(config), shutdown_grace_s=config.server.shutdown_grace_s, logger=logger)

@@ -7,14 +7,12 @@ on stderr (one object per event, with `request_id` where there is one; prompts a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import sys
 from collections.abc import Sequence
 
-from common.checkpoint import CheckpointError
-from common.config import ConfigError, generator_config_from_args
+from common.config import generator_config_from_args
+from common.serving import cli_main
 from generator_service.server import serve
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON object.
@@ -44,17 +42,7 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        config = generator_config_from_args(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging()
-    try:
-        return asyncio.run(serve(config))
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(generator_config_from_args, serve, argv, configure_logging=configure_logging)
 
 
 if __name__ == "__main__":

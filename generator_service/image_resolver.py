@@ -12,53 +12,41 @@ images are decoded and encoded in this process (`EncoderCore` around a `VisionEn
 
 The caches are optional: Redis down or slow costs a time-boxed call (then the circuit breaker skips it) and the
 image is encoded anyway. Every failure the caller must report is an `ImageResolveError` carrying its gRPC code
-and a client-safe message.
+and a client-safe message. The gRPC side of the encoder (targets, failover, error mapping) is in
+`encoder_client.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import itertools
-import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from common.checkpoint import encoder_fingerprint, resolve_checkpoint
-from common.config import ConfigError, GeneratorConfig
+from common.config import GeneratorConfig
 from common.hashing import image_key
 from common.tensor_codec import TensorDecodeError, tensor_from_proto
 from encoder_service.embedding_cache import CacheUnavailableError, LocalEmbeddingCache, RedisEmbeddingCache
+from generator_service.encoder_client import EncoderClient, ImageResolveError
 from generator_service.metrics import GeneratorMetrics
-from protos import encoder_pb2, encoder_pb2_grpc
+from protos import encoder_pb2
 
 if TYPE_CHECKING:
     from encoder_service.core import EncoderCore
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_INLINE_BYTES = 1 << 20  # larger images are hashed off the event loop (hashlib releases the GIL)
 _VERIFY_RETRY_S = 5.0  # an unreachable or mismatched encoder is asked again at most this often
 _VERIFY_TIMEOUT_S = 2.0
 _IMAGE_INDEX_RE = re.compile(r"^images\[(\d+)\]")
-_URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
-
-
-class ImageResolveError(Exception):
-    """An image the request cannot use; `code` and `message` go to the client as they are."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -66,95 +54,6 @@ class ResolvedImage:
     key: str
     embedding: torch.Tensor  # [num_tokens, hidden_size], CPU
     source: str  # "local", "redis" or "encoder"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The remote encoder
-
-
-def encoder_targets(address: str) -> list[str]:
-    """gRPC targets for `--encoder-address`.
-
-    `dns:///host:port`, `ipv4:a:1,b:2` and other URIs are one target (balanced by gRPC's round_robin policy);
-    `host:port,host:port` becomes one `ipv4:`/`ipv6:` target when every host is an IP literal, else one target
-    per entry (the client rotates over them and fails over on UNAVAILABLE).
-    """
-    address = address.strip()
-    if "://" in address or address.startswith(_URI_SCHEMES):
-        return [address]
-    entries = [entry.strip() for entry in address.split(",") if entry.strip()]
-    if not entries:
-        raise ConfigError(f"--encoder-address {address!r} names no encoder: use host:port, a list or dns:///host:port")
-    if len(entries) == 1:
-        return entries
-    families = {_ip_family(entry) for entry in entries}
-    if families == {4}:
-        return ["ipv4:" + ",".join(entries)]
-    if families == {6}:
-        return ["ipv6:" + ",".join(entries)]
-    return entries
-
-
-def _ip_family(entry: str) -> int | None:
-    host = entry.rsplit(":", 1)[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).version
-    except ValueError:
-        return None
-
-
-def encoder_channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-        # A restarted encoder is found again within seconds (the default backoff grows to 2 minutes).
-        ("grpc.initial_reconnect_backoff_ms", 250),
-        ("grpc.min_reconnect_backoff_ms", 250),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
-        ("grpc.enable_retries", 1),
-    ]
-
-
-class EncoderClient:
-    """Calls `mmserve.encoder.v1.Encoder` on one or more targets; fails over to the next target on UNAVAILABLE."""
-
-    def __init__(self, address: str, *, max_message_bytes: int) -> None:
-        self.address = address
-        options = encoder_channel_options(max_message_bytes)
-        self._channels = [grpc.aio.insecure_channel(target, options=options) for target in encoder_targets(address)]
-        self._stubs = [encoder_pb2_grpc.EncoderStub(channel) for channel in self._channels]
-        self._next = itertools.cycle(range(len(self._stubs)))
-
-    async def encode(self, request: encoder_pb2.EncodeRequest, timeout: float) -> encoder_pb2.EncodeResponse:
-        return await self._call(lambda stub, t: stub.Encode(request, timeout=t), timeout)
-
-    async def model_info(self, timeout: float) -> encoder_pb2.ModelInfo:
-        return await self._call(
-            lambda stub, t: stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=t), timeout
-        )
-
-    async def _call(self, call: Callable[[encoder_pb2_grpc.EncoderStub, float], Awaitable[_T]], timeout: float) -> _T:
-        deadline = time.monotonic() + timeout
-        first = next(self._next)
-        order = [(first + i) % len(self._stubs) for i in range(len(self._stubs))]
-        for attempt, index in enumerate(order):
-            remaining = deadline - time.monotonic()
-            try:
-                return await call(self._stubs[index], max(remaining, 0.001))
-            except grpc.aio.AioRpcError as exc:
-                last = attempt == len(order) - 1
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or last or deadline - time.monotonic() <= 0:
-                    raise
-        raise AssertionError("unreachable: the loop returns or raises")
-
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The resolver
 
 
 class ImageResolver:
@@ -177,7 +76,6 @@ class ImageResolver:
         metrics: GeneratorMetrics,
         encoder: EncoderClient | None = None,
         core: EncoderCore | None = None,
-        encoder_timeout_s: float = 30.0,
     ) -> None:
         if (encoder is None) == (core is None):
             raise ValueError("give exactly one of encoder (remote) or core (in-process)")
@@ -191,7 +89,6 @@ class ImageResolver:
         self.metrics = metrics
         self.encoder = encoder
         self.core = core
-        self.encoder_timeout_s = encoder_timeout_s
         self._verified = core is not None  # in-process: the fingerprint is the encoder's own
         self._mismatch: str | None = None
         self._last_verify = -float("inf")
@@ -220,7 +117,12 @@ class ImageResolver:
             )
         encoder = None
         if config.encoder_address is not None:
-            encoder = EncoderClient(config.encoder_address, max_message_bytes=config.server.max_message_bytes)
+            encoder = EncoderClient(
+                config.encoder_address,
+                max_message_bytes=config.server.max_message_bytes,
+                timeout_s=config.encoder_timeout_s,
+                on_error=lambda status: metrics.encoder_errors.labels(status=status).inc(),
+            )
         return cls(
             fingerprint=fingerprint,
             model_path=path,
@@ -232,7 +134,6 @@ class ImageResolver:
             metrics=metrics,
             encoder=encoder,
             core=core,
-            encoder_timeout_s=config.encoder_timeout_s,
         )
 
     async def close(self) -> None:
@@ -428,42 +329,7 @@ class ImageResolver:
         self, request: encoder_pb2.EncodeRequest, deadline: float | None
     ) -> encoder_pb2.EncodeResponse:
         assert self.encoder is not None
-        timeout = self.encoder_timeout_s
-        if deadline is not None:
-            timeout = min(timeout, deadline - time.monotonic())
-            if timeout <= 0:
-                raise ImageResolveError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the images were encoded"
-                )
-        try:
-            return await self.encoder.encode(request, timeout)
-        except grpc.aio.AioRpcError as exc:
-            self.metrics.encoder_errors.labels(status=exc.code().name).inc()
-            raise self._encoder_error(exc, deadline) from None
-
-    def _encoder_error(self, exc: grpc.aio.AioRpcError, deadline: float | None) -> ImageResolveError:
-        code, details = exc.code(), exc.details() or ""
-        address = self.encoder.address if self.encoder is not None else "?"
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    grpc.StatusCode.FAILED_PRECONDITION):  # fmt: skip
-            return ImageResolveError(code, details)
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            if deadline is not None and deadline - time.monotonic() <= 0.001:
-                return ImageResolveError(code, "the deadline passed while the images were being encoded")
-            return ImageResolveError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the encoder service at {address} did not answer within --encoder-timeout-s "
-                f"({self.encoder_timeout_s:g} s); retry later",
-            )
-        if code == grpc.StatusCode.UNAVAILABLE:
-            logger.warning("encoder at %s unavailable: %s", address, details)
-            return ImageResolveError(
-                code,
-                f"the encoder service at {address} is unavailable, so images cannot be encoded now "
-                "(text-only requests still work); retry later",
-            )
-        logger.error("encoder at %s failed: %s: %s", address, code.name, details)
-        return ImageResolveError(grpc.StatusCode.UNAVAILABLE, f"the encoder service at {address} failed ({code.name})")
+        return await self.encoder.encode_images(request, deadline)
 
     def _store(self, keys: list[str], response: encoder_pb2.EncodeResponse, found: dict[str, ResolvedImage]) -> None:
         if len(response.images) != len(keys):

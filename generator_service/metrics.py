@@ -19,11 +19,9 @@ lookups are recorded by the servicer and the image resolver as they happen.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -121,21 +119,3 @@ class GeneratorMetrics:
         """A sample's current value (0 when absent); for tests and the demo."""
         found = self.registry.get_sample_value(name, labels or {})
         return 0.0 if found is None else found
-
-
-class MetricsHttpServer:
-    """Serves one registry at /metrics on its own daemon thread; port 0 picks a free port."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        server, thread = start_http_server(port, addr=host, registry=registry)
-        self._server: WSGIServer = server
-        self._thread: threading.Thread = thread
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_port)
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
-import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,12 +29,13 @@ from grpc_reflection.v1alpha import reflection
 
 from common.checkpoint import load_llava_config, resolve_checkpoint
 from common.config import GeneratorConfig
+from common.serving import MetricsHttpServer, bind_and_start, run_until_signal, set_health, start_metrics_http
 from generator_service.engine.async_engine import AsyncEngine
 from generator_service.engine.llm_engine import EngineRequest, EngineStats, LLMEngine
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.image_resolver import ImageResolver
 from generator_service.inputs import InputProcessor
-from generator_service.metrics import GeneratorMetrics, MetricsHttpServer
+from generator_service.metrics import GeneratorMetrics
 from generator_service.servicer import GeneratorBackend, GeneratorServicer
 from protos import encoder_pb2, generator_pb2, generator_pb2_grpc
 
@@ -67,10 +67,6 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),  # accept client pings every 5 s
         ("grpc.http2.max_ping_strikes", 0),  # never GOAWAY a client for pinging
     ]
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -121,12 +117,8 @@ class GeneratorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(_address(server_config.host, server_config.port))
-        await self._server.start()
-        if server_config.metrics_port is not None:
-            self._metrics_http = MetricsHttpServer(
-                self.metrics.registry, server_config.host, server_config.metrics_port
-            )
+        self.port = await bind_and_start(self._server, server_config.host, server_config.port)
+        self._metrics_http = start_metrics_http(self.metrics.registry, server_config.host, server_config.metrics_port)
         logger.info(
             "generator listening on %s:%d (metrics port %s); loading model",
             server_config.host, self.port, self.metrics_port,
@@ -248,28 +240,11 @@ class GeneratorServer:
         logger.info("generator stopped")
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, status)
+        await set_health(self._health, SERVICE_NAME, status)
 
 
 async def serve(config: GeneratorConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code (0)."""
-    server = GeneratorServer(config)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    try:
-        await server.listen()
-        loading = asyncio.ensure_future(server.load())
-        stopped = asyncio.ensure_future(stop_requested.wait())
-        await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
-        if loading.done():
-            loading.result()  # a failed load raises here
-            await stopped
-        else:
-            loading.cancel()
-        logger.info("signal received: draining for up to %.1f s", config.server.shutdown_grace_s)
-    finally:
-        await server.stop()
-    return 0
+    return await run_until_signal(
+        GeneratorServer(config), shutdown_grace_s=config.server.shutdown_grace_s, logger=logger
+    )

@@ -26,11 +26,12 @@ from typing import Any, cast
 
 import grpc
 
+from generator_service.encoder_client import ImageResolveError
 from generator_service.engine.async_engine import AsyncEngine, DuplicateRequestError, EngineDeadError
 from generator_service.engine.llm_engine import EngineRequest, RequestOutput
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.engine.scheduler import RequestRejected
-from generator_service.image_resolver import ImageResolveError, ImageResolver
+from generator_service.image_resolver import ImageResolver
 from generator_service.inputs import InputProcessor, InvalidPrompt
 from generator_service.metrics import GeneratorMetrics
 from protos import encoder_pb2, generator_pb2, generator_pb2_grpc

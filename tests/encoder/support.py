@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import secrets
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -16,7 +13,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import redis
 import torch
 from PIL import Image
 
@@ -24,15 +20,11 @@ from common.config import CacheConfig, EncoderConfig, ModelConfig, ServerConfig
 from encoder_service.server import EncoderServer
 from encoder_service.vision_encoder import VisionEncoder
 from protos import encoder_pb2, encoder_pb2_grpc
+from tests.grpc_support import RedisProcess as RedisProcess  # re-exported for the encoder tests
+from tests.grpc_support import free_port as free_port
 
 _T = TypeVar("_T")
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def png_bytes(seed: int | None = None, size: tuple[int, int] = (40, 30)) -> bytes:
@@ -44,13 +36,20 @@ def png_bytes(seed: int | None = None, size: tuple[int, int] = (40, 30)) -> byte
     return buffer.getvalue()
 
 
-def encoder_config(model: Path, *, redis_url: str | None = None, metrics_port: int | None = None,
-                   max_message_bytes: int = 64 * MiB, cache: CacheConfig | None = None,
-                   **kwargs: Any) -> EncoderConfig:
+def encoder_config(
+    model: Path,
+    *,
+    redis_url: str | None = None,
+    metrics_port: int | None = None,
+    max_message_bytes: int = 64 * MiB,
+    cache: CacheConfig | None = None,
+    **kwargs: Any,
+) -> EncoderConfig:
     return EncoderConfig(
         model=ModelConfig(model=str(model), dtype=kwargs.pop("dtype", "float32")),
-        server=ServerConfig(port=0, metrics_port=metrics_port, max_message_bytes=max_message_bytes,
-                            shutdown_grace_s=5.0),
+        server=ServerConfig(
+            port=0, metrics_port=metrics_port, max_message_bytes=max_message_bytes, shutdown_grace_s=5.0
+        ),
         cache=cache or CacheConfig(redis_url=redis_url, redis_timeout_ms=200.0),
         **kwargs,
     )
@@ -115,36 +114,3 @@ class RunningServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
-
-
-class RedisProcess:
-    """A throw-away redis-server on a free port (no persistence), for tests that kill it."""
-
-    def __init__(self) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError("redis-server is not on PATH: install Redis 7 to run the encoder tests")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:  # wait until it accepts connections
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.kill()
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)

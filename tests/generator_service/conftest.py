@@ -11,13 +11,13 @@ import pytest
 
 from tests.generator_service.support import (
     EventLoopThread,
-    RedisProcess,
     Reference,
     RunningEncoder,
     RunningGenerator,
     encoder_config,
     generator_config,
 )
+from tests.grpc_support import RedisProcess
 
 
 @dataclass

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -17,7 +14,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import redis
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -39,12 +35,6 @@ _T = TypeVar("_T")
 MiB = 1024 * 1024
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 TWO_IMAGES = "USER: <image>\n<image>\nCompare them. ASSISTANT:"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
@@ -164,39 +154,6 @@ class RunningGenerator:
 
     def stop(self) -> None:
         self.loop.run(self.server.stop(0))
-
-
-class RedisProcess:
-    """A throw-away redis-server on a free port (no persistence), for tests that kill it."""
-
-    def __init__(self) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError("redis-server is not on PATH: install Redis 7 to run these tests")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.client.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.kill()
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.client.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

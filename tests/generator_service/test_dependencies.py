@@ -13,14 +13,13 @@ from tests.conftest import CheckpointFactory
 from tests.generator_service.conftest import Stack, StartEncoder, StartGenerator
 from tests.generator_service.support import (
     PROMPT,
-    RedisProcess,
     Reference,
-    free_port,
     generate,
     png_bytes,
     request,
     wait_until,
 )
+from tests.grpc_support import RedisProcess, free_port
 
 TEXT = "USER: hello there ASSISTANT:"
 

@@ -13,10 +13,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from generator_service.encoder_client import encoder_targets
 from generator_service.engine.llm_engine import EngineStats, RequestOutput, Usage
 from generator_service.engine.sampler import TokenLogprobs
 from generator_service.engine.sampling_params import SamplingParams
-from generator_service.image_resolver import encoder_targets
 from generator_service.metrics import GeneratorMetrics
 from generator_service.servicer import response_from_output, sampling_from_proto
 from protos import encoder_pb2, generator_pb2, generator_pb2_grpc

@@ -19,7 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generator_pb2, generator_pb2_grpc
-from tests.generator_service.support import StreamResult, collect, free_port, request, until
+from tests.generator_service.support import StreamResult, collect, request, until
+from tests.grpc_support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GRACE_S = 1.0

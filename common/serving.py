@@ -1,0 +1,124 @@
+"""Server plumbing both services share: the /metrics endpoint, health status, the serve loop and the CLI entry.
+
+    cli_main(parse_config, serve)   flags -> config (bad ones: `error: ...`, exit 2) -> asyncio.run(serve(config))
+    run_until_signal(server, ...)   listen(); load() until SIGTERM/SIGINT (a failed load raises); then stop()
+
+Nothing here knows which service it runs: the services pass their own server, logger and service name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from common.checkpoint import CheckpointError
+from common.config import ConfigError
+
+_C = TypeVar("_C")
+
+
+class MetricsHttpServer:
+    """Serves one registry at /metrics on its own daemon thread; port 0 picks a free port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_http(registry: CollectorRegistry, host: str, port: int | None) -> MetricsHttpServer | None:
+    """The /metrics endpoint of `registry`, or None when no metrics port is configured."""
+    return None if port is None else MetricsHttpServer(registry, host, port)
+
+
+def listen_address(host: str, port: int) -> str:
+    """`host:port` for `add_insecure_port`, with an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def bind_and_start(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Bind `server` to host:port (0 picks a free port), start it, and return the bound port."""
+    bound = server.add_insecure_port(listen_address(host, port))
+    await server.start()
+    return bound
+
+
+async def set_health(
+    servicer: health.aio.HealthServicer, service_name: str, status: health_pb2.HealthCheckResponse.ServingStatus
+) -> None:
+    """Report `status` for the whole server ("") and for `service_name`."""
+    for service in ("", service_name):
+        await servicer.set(service, status)
+
+
+class Servable(Protocol):
+    async def listen(self) -> None: ...
+
+    async def load(self) -> None: ...
+
+    async def stop(self, grace: float | None = None) -> None: ...
+
+
+async def run_until_signal(server: Servable, *, shutdown_grace_s: float, logger: logging.Logger) -> int:
+    """Listen, then load while watching for SIGTERM/SIGINT; run until one arrives, then drain gracefully.
+
+    A signal during loading cancels the load; a failed load raises (after `stop()`). Returns the exit code (0).
+    """
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    try:
+        await server.listen()
+        loading = asyncio.ensure_future(server.load())
+        stopped = asyncio.ensure_future(stop_requested.wait())
+        await asyncio.wait([loading, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # a failed load raises here
+            await stopped
+        else:
+            loading.cancel()
+        logger.info("signal received: draining for up to %.1f s", shutdown_grace_s)
+    finally:
+        await server.stop()
+    return 0
+
+
+def cli_main(
+    parse_config: Callable[[Sequence[str] | None], _C],
+    serve: Callable[[_C], Coroutine[Any, Any, int]],
+    argv: Sequence[str] | None,
+    *,
+    configure_logging: Callable[[], None],
+) -> int:
+    """A service's `main`: an invalid setting or unusable checkpoint prints `error: ...` and returns 2."""
+    try:
+        config = parse_config(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging()
+    try:
+        return asyncio.run(serve(config))
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
