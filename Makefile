@@ -3,15 +3,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The oldest transformers release we support; `make test-compat` runs the suite against it.
+COMPAT_TRANSFORMERS := 5.17.0
+COMPAT_VENV := .venv-compat
 DEMO_MODEL := .cache/models/demo-tiny
 BENCH_MODEL := .cache/models/bench
 PROTOS := protos/encoder.proto protos/generator.proto
 
-.PHONY: help install proto proto-check lint typecheck check test demo demo-model bench bench-encoder bench-engine bench-serve up down clean
+.PHONY: help install proto proto-check lint typecheck check test test-compat demo demo-model bench bench-encoder bench-engine bench-serve up down clean
 
 help:
 	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
 	@echo "make test        run the test suite (installs dependencies first)"
+	@echo "make test-compat the test suite against transformers $(COMPAT_TRANSFORMERS) (oldest supported)"
 	@echo "make install     create $(VENV) with the pinned dependencies"
 	@echo "make proto       regenerate the gRPC stubs in protos/"
 	@echo "make check       proto freshness, ruff and mypy (what CI runs before the tests)"
@@ -46,6 +50,15 @@ check: proto-check lint typecheck
 
 test: install
 	$(PY) -m pytest -q
+
+$(COMPAT_VENV)/.installed: requirements.txt requirements-dev.txt
+	@test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check transformers==$(COMPAT_TRANSFORMERS)
+	@touch $@
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest -q
 
 $(DEMO_MODEL)/config.json: common/demo_model.py common/assets/corpus.txt | install
 	$(PY) -m common.demo_model $(DEMO_MODEL) --size tiny --seed 0

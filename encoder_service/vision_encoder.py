@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoImageProcessor, PreTrainedModel
+from transformers import PreTrainedModel
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from common.checkpoint import encoder_fingerprint, load_vision_half, resolve_checkpoint, torch_dtype
 from common.config import ModelConfig
@@ -50,7 +51,9 @@ class UnsupportedImageError(ValueError):
 def load_image_processor(path: Path) -> Any:
     """The checkpoint's own image processor, PIL backend (torchvision is not a dependency).
 
-    Reads `processor_config.json` (5.x) or `preprocessor_config.json` (llava-hf hub layout) offline.
+    Reads `processor_config.json` (5.x) or `preprocessor_config.json` (llava-hf hub layout) offline. The class
+    comes from the auto module itself: without torchvision, transformers 5.17 exports `AutoImageProcessor` at the
+    top level as a placeholder that refuses to load even the PIL processors.
     """
     try:
         processor = AutoImageProcessor.from_pretrained(path, backend="pil")
