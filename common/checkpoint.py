@@ -202,7 +202,8 @@ def load_vision_half(
     report = LoadReport()
     _load_into(modules, path, torch_dtype(dtype), device, report)
     tower, projector = modules["vision_tower"], modules["projector"]
-    assert isinstance(tower, PreTrainedModel)
+    if not isinstance(tower, PreTrainedModel):
+        raise CheckpointError(f"{path}: the vision config builds a {type(tower).__name__}, not a transformers model")
     return VisionHalf(config=config, vision_tower=tower.eval(), projector=projector.eval(), report=report)
 
 
@@ -214,7 +215,8 @@ def load_text_half(
     config = load_llava_config(path)
     text_config = config.get_text_config()
     causal_lm = _build_empty(lambda: AutoModelForCausalLM.from_config(text_config), device)
-    assert isinstance(causal_lm, PreTrainedModel)
+    if not isinstance(causal_lm, PreTrainedModel):
+        raise CheckpointError(f"{path}: the text config builds a {type(causal_lm).__name__}, not a causal LM")
     report = LoadReport()
     # One module, two checkpoint parts: the decoder stack under `model.`, the head under `lm_head.`.
     split = {"language_model": causal_lm.model, "lm_head": causal_lm.lm_head}

@@ -221,8 +221,7 @@ class LLM:
                 tokens[output.request_id].extend(output.new_token_ids)
                 texts[output.request_id].append(output.new_text)
                 logprobs[output.request_id].extend(output.logprobs)
-                if output.finished:
-                    assert output.usage is not None and output.finish_reason is not None
+                if output.finished and output.usage is not None and output.finish_reason is not None:
                     done[output.request_id] = CompletionOutput(
                         request_id=output.request_id,
                         prompt_token_ids=[],
