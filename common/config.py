@@ -99,6 +99,7 @@ class EncoderConfig:
     max_images_per_request: int = 16
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
+    max_pending_images: int = 256  # images of admitted Encode calls in flight; more -> RESOURCE_EXHAUSTED
 
     def __post_init__(self) -> None:
         _check(self.max_batch_size >= 1, "--max-batch-size must be >= 1")
@@ -106,6 +107,11 @@ class EncoderConfig:
         _check(self.max_images_per_request >= 1, "--max-images-per-request must be >= 1")
         _check(self.max_image_bytes >= 1, "--max-image-bytes must be >= 1")
         _check(self.max_image_pixels >= 1, "--max-image-pixels must be >= 1")
+        _check(
+            self.max_pending_images >= 1,
+            f"--max-pending-images {self.max_pending_images}: use >= 1 (images in flight before Encode calls are "
+            "refused with RESOURCE_EXHAUSTED; 256 is the default)",
+        )
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,13 @@ def encoder_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.Arg
     flags.add("--max-images-per-request", type=int, default=16, help="images accepted in one Encode call")
     flags.add("--max-image-bytes", type=int, default=20 * MiB, help="largest accepted image file")
     flags.add("--max-image-pixels", type=int, default=40_000_000, help="largest accepted width*height")
+    flags.add(
+        "--max-pending-images",
+        type=int,
+        default=256,
+        help="images of Encode calls in flight (cache hits included) before further calls are refused with "
+        "RESOURCE_EXHAUSTED; a call arriving while none is in flight is always admitted",
+    )
     return parser
 
 
@@ -295,6 +308,7 @@ def encoder_config_from_args(
         max_images_per_request=args.max_images_per_request,
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
+        max_pending_images=args.max_pending_images,
     )
 
 

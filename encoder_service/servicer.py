@@ -2,9 +2,16 @@
 
     bad image bytes / malformed key / no images      INVALID_ARGUMENT   (client-safe message, image index)
     too many images, image or response too large     RESOURCE_EXHAUSTED
+    overloaded (--max-pending-images in flight)      RESOURCE_EXHAUSTED (refused before any decode or cache call)
     model still loading, draining, cache down*       UNAVAILABLE        (*only for embedding_key inputs)
     embedding_key not in the cache                   FAILED_PRECONDITION
     anything else                                    INTERNAL           (details in the server log only)
+
+Admission is counted in images, before the first await: a call is admitted while the images of the calls in
+flight plus its own stay within `max_pending_images` (or when no call is in flight, so a valid request larger
+than the limit is never refused forever), and released when it ends for any reason (OK, error, cancel,
+deadline). Cache hits count too while their call is in flight. A cancelled call stops counting at
+once, even though an encode it started keeps running for the cache and for other callers of the same image.
 """
 
 from __future__ import annotations
@@ -66,7 +73,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self._config = config
         self._metrics = metrics
         self._core: EncoderCore | None = None
+        self._pending_images = 0
         self.draining = False
+
+    @property
+    def pending_images(self) -> int:
+        """Images of the Encode calls admitted and not yet finished."""
+        return self._pending_images
 
     def attach(self, core: EncoderCore) -> None:
         self._core = core
@@ -75,13 +88,23 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext
     ) -> encoder_pb2.EncodeResponse:
         started = time.perf_counter()
+        admitted = 0
+        error: RpcError | None = None
         try:
-            response = await self._encode(request)
-        except RpcError as error:
+            # No await before _admit: two concurrent calls can never both take the last slot.
+            core = self._ready_core()
+            self._validate(request)
+            admitted = self._admit(len(request.images))
+            response = await self._encode(core, request)
+        except RpcError as exc:
+            error = exc
+        finally:
+            # Also on cancel; and before the status is sent, so a client that retries at once finds the slots free.
+            self._pending_images -= admitted
+            self._metrics.request_seconds.observe(time.perf_counter() - started)
+        if error is not None:
             self._metrics.requests.labels(code=error.code.name).inc()
             await context.abort(error.code, error.message)
-        finally:
-            self._metrics.request_seconds.observe(time.perf_counter() - started)
         self._metrics.requests.labels(code="OK").inc()
         return response
 
@@ -112,9 +135,19 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             raise RpcError(grpc.StatusCode.UNAVAILABLE, "the encoder is still loading its model; retry shortly")
         return self._core
 
-    async def _encode(self, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
-        core = self._ready_core()
-        self._validate(request)
+    def _admit(self, count: int) -> int:
+        """Take `count` slots of --max-pending-images or raise RESOURCE_EXHAUSTED; returns what was taken."""
+        in_flight, limit = self._pending_images, self._config.max_pending_images
+        if in_flight and in_flight + count > limit:
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"encoder overloaded: {in_flight} images in flight, limit {limit} (--max-pending-images); "
+                "retry later",
+            )
+        self._pending_images += count
+        return count
+
+    async def _encode(self, core: EncoderCore, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
         jobs = [
             core.encode_image(item.data) if item.WhichOneof("source") == "data" else core.lookup(item.embedding_key)
             for item in request.images
