@@ -2,14 +2,18 @@
 
     offset  size  field
     0       6     magic b"MMEMB\\0"
-    6       1     format version (1)
+    6       1     format version (2)
     7       4     header length N (uint32, little-endian)
-    11      N     header: UTF-8 JSON {"dtype": "float16", "shape": [576, 4096], "fingerprint": "<hex>"}
+    11      N     header: UTF-8 JSON
+                  {"dtype": "float16", "shape": [576, 4096], "fingerprint": "<hex>", "key": "<hex>"}
     11+N    ...   raw little-endian row-major tensor bytes (exactly prod(shape) * itemsize)
 
-Every field is verified on read: a record with a wrong magic, version, header, fingerprint or length is
-rejected (the caller treats it as a miss and deletes it). Nothing in a record is ever executed (no pickle).
-Pure Python: no torch needed to check a record.
+Every field is verified on read: a record with a wrong magic, version, header, fingerprint, image key or
+length is rejected (the caller treats it as a miss and deletes it). The header names the image key the record
+was written for, so another key's value (same encoder and shape, different image; copied or written under the
+wrong Redis key) is rejected instead of returning the wrong image's embedding. Version 1 records (no key in the
+header) fail the version check: they are misses, deleted and re-encoded. Nothing in a record is ever executed
+(no pickle). Pure Python: no torch needed to check a record.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"MMEMB\0"
-VERSION = 1
+VERSION = 2  # 2: the header carries the image key (version 1 records are rejected)
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _PREFIX = struct.Struct("<6sBI")
 _MAX_HEADER = 4096
@@ -35,11 +39,14 @@ class EmbeddingRecord:
     dtype: str
     shape: tuple[int, ...]
     fingerprint: str
+    key: str
     data: bytes
 
     def __post_init__(self) -> None:
         if self.dtype not in ITEMSIZE:
             raise RecordError(f"unsupported dtype {self.dtype!r}")
+        if not self.key:
+            raise RecordError("record has no image key")
         if len(self.shape) != 2 or any(dim <= 0 for dim in self.shape):
             raise RecordError(f"embedding shape must be [num_tokens, hidden_size], got {list(self.shape)}")
         expected = math.prod(self.shape) * ITEMSIZE[self.dtype]
@@ -49,14 +56,14 @@ class EmbeddingRecord:
 
 def encode_record(record: EmbeddingRecord) -> bytes:
     header = json.dumps(
-        {"dtype": record.dtype, "shape": list(record.shape), "fingerprint": record.fingerprint},
+        {"dtype": record.dtype, "shape": list(record.shape), "fingerprint": record.fingerprint, "key": record.key},
         separators=(",", ":"),
     ).encode()
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + record.data
 
 
-def decode_record(blob: bytes, expected_fingerprint: str) -> EmbeddingRecord:
-    """Parse and verify a record; raises RecordError unless it is intact and from this encoder."""
+def decode_record(blob: bytes, expected_fingerprint: str, expected_key: str) -> EmbeddingRecord:
+    """Parse and verify a record; raises RecordError unless it is intact, from this encoder and for this key."""
     if len(blob) < _PREFIX.size:
         raise RecordError("record shorter than its fixed prefix")
     magic, version, header_len = _PREFIX.unpack_from(blob)
@@ -68,13 +75,15 @@ def decode_record(blob: bytes, expected_fingerprint: str) -> EmbeddingRecord:
         raise RecordError("header length out of range")
     try:
         header = json.loads(blob[_PREFIX.size : _PREFIX.size + header_len])
-        dtype, shape, fingerprint = header["dtype"], header["shape"], header["fingerprint"]
+        dtype, shape, fingerprint, key = header["dtype"], header["shape"], header["fingerprint"], header["key"]
     except (ValueError, KeyError, TypeError) as exc:
         raise RecordError(f"unreadable header: {type(exc).__name__}") from None
     if not isinstance(shape, list) or not all(isinstance(dim, int) for dim in shape):
         raise RecordError("header shape is not a list of integers")
     if fingerprint != expected_fingerprint:
         raise RecordError("record was written by a different encoder (fingerprint mismatch)")
+    if key != expected_key:
+        raise RecordError("record belongs to another image key")
     return EmbeddingRecord(
-        dtype=str(dtype), shape=tuple(shape), fingerprint=fingerprint, data=blob[_PREFIX.size + header_len :]
+        dtype=str(dtype), shape=tuple(shape), fingerprint=fingerprint, key=key, data=blob[_PREFIX.size + header_len :]
     )

@@ -8,8 +8,9 @@ Failure policy (the cache is optional, a request never fails because of it):
     get   -> the tensor, None on a miss, or CacheUnavailableError when the backend could not answer in time
              (callers encode anyway; an `embedding_key`-only lookup turns it into UNAVAILABLE);
     put   -> never raises for backend faults; the entry is simply not stored.
-A Redis record that fails verification (header, length, fingerprint, dtype, shape, non-finite values) is a
-miss, and is deleted if it is still the value we read (compare-and-delete, so a fresh write is not lost).
+A Redis record that fails verification (header, version, length, fingerprint, image key, dtype, shape,
+non-finite values) is a miss, and is deleted if it is still the value we read (compare-and-delete, so a fresh
+write is not lost). The image key check catches another image's record stored under this key.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ class RedisEmbeddingCache:
             return None
         blob = raw if isinstance(raw, bytes) else raw.encode()  # str only from a decode_responses client
         try:
-            return self._verify(blob)
+            return self._verify(blob, key)
         except (RecordError, TensorDecodeError) as exc:
             logger.warning("poisoned embedding record %s deleted: %s", name, exc)
             if self._on_poisoned is not None:
@@ -192,7 +193,9 @@ class RedisEmbeddingCache:
         if not torch.isfinite(embedding).all():
             return  # never store what a reader would reject as poisoned
         dtype, shape, data = tensor_to_bytes(embedding)
-        blob = encode_record(EmbeddingRecord(dtype=dtype, shape=tuple(shape), fingerprint=self.fingerprint, data=data))
+        blob = encode_record(
+            EmbeddingRecord(dtype=dtype, shape=tuple(shape), fingerprint=self.fingerprint, key=key, data=data)
+        )
         # A failed SET is counted by _call; the embedding is still returned to the caller.
         with contextlib.suppress(CacheUnavailableError):
             await self._call("set", lambda: self._client.set(redis_key(key), blob, ex=self._ttl_s or None))
@@ -200,8 +203,8 @@ class RedisEmbeddingCache:
     async def close(self) -> None:
         await self._client.aclose()
 
-    def _verify(self, blob: bytes) -> torch.Tensor:
-        record = decode_record(blob, self.fingerprint)
+    def _verify(self, blob: bytes, key: str) -> torch.Tensor:
+        record = decode_record(blob, self.fingerprint, key)
         if self._expected_dtype is not None and record.dtype != self._expected_dtype:
             raise RecordError(f"record dtype {record.dtype}, expected {self._expected_dtype}")
         if self._expected_shape is not None and record.shape != self._expected_shape:

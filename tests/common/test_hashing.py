@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 
 from common.embedding_record import EmbeddingRecord, RecordError, decode_record, encode_record
@@ -37,15 +40,26 @@ def test_block_hash_chain_and_extras() -> None:
     assert block_hash(None, [2**40, -1]) != block_hash(None, [0, 2**40])
 
 
+KEY_A, KEY_B = "a" * 64, "b" * 64
+
+
 def _record(**overrides: object) -> EmbeddingRecord:
-    fields: dict = {"dtype": "float16", "shape": (2, 3), "fingerprint": "fp", "data": b"\x01" * 12}
+    fields: dict = {"dtype": "float16", "shape": (2, 3), "fingerprint": "fp", "key": KEY_A, "data": b"\x01" * 12}
     fields.update(overrides)
     return EmbeddingRecord(**fields)
 
 
+def _version_1_record() -> bytes:
+    """A record in the old format: version 1, no image key in the header."""
+    header = json.dumps({"dtype": "float16", "shape": [2, 3], "fingerprint": "fp"}, separators=(",", ":")).encode()
+    return struct.pack("<6sBI", b"MMEMB\0", 1, len(header)) + header + b"\x01" * 12
+
+
 def test_record_round_trip() -> None:
     record = _record()
-    assert decode_record(encode_record(record), "fp") == record
+    blob = encode_record(record)
+    assert b'"key":"' + KEY_A.encode() + b'"' in blob
+    assert decode_record(blob, "fp", KEY_A) == record
 
 
 @pytest.mark.parametrize(
@@ -55,18 +69,27 @@ def test_record_round_trip() -> None:
         (b"garbage-garbage-garbage", "bad magic"),
         (encode_record(_record())[:-1], "payload is 11 bytes"),
         (encode_record(_record()) + b"\0", "payload is 13 bytes"),
-        (encode_record(_record()).replace(b"MMEMB\0\x01", b"MMEMB\0\x02"), "format version 2"),
+        (encode_record(_record()).replace(b"MMEMB\0\x02", b"MMEMB\0\x03"), "format version 3"),
+        (_version_1_record(), "format version 1, expected 2"),
         (b"\x80\x04\x95" + b"pickled-object-bytes" * 3, "bad magic"),
     ],
 )
 def test_bad_records_are_rejected(blob: bytes, message: str) -> None:
     with pytest.raises(RecordError, match=message):
-        decode_record(blob, "fp")
+        decode_record(blob, "fp", KEY_A)
 
 
 def test_record_from_another_encoder_is_rejected() -> None:
     with pytest.raises(RecordError, match="fingerprint mismatch"):
-        decode_record(encode_record(_record()), "other-fp")
+        decode_record(encode_record(_record()), "other-fp", KEY_A)
+
+
+def test_record_of_another_image_key_is_rejected() -> None:
+    """Image A's intact record (same encoder, same shape) read under image B's key is not B's embedding."""
+    blob = encode_record(_record(key=KEY_A))
+    with pytest.raises(RecordError, match="record belongs to another image key"):
+        decode_record(blob, "fp", KEY_B)
+    assert decode_record(blob, "fp", KEY_A).key == KEY_A
 
 
 def test_record_validation() -> None:
@@ -74,3 +97,5 @@ def test_record_validation() -> None:
         _record(shape=(6,), data=b"\x01" * 12)
     with pytest.raises(RecordError, match="unsupported dtype"):
         _record(dtype="int8")
+    with pytest.raises(RecordError, match="no image key"):
+        _record(key="")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -34,6 +36,13 @@ def png_bytes(seed: int | None = None, size: tuple[int, int] = (40, 30)) -> byte
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def version_1_record(fingerprint: str, dtype: str, shape: tuple[int, int], data: bytes) -> bytes:
+    """An intact record in the old format 1 (no image key in the header), as an older release wrote it."""
+    header = {"dtype": dtype, "shape": list(shape), "fingerprint": fingerprint}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<6sBI", b"MMEMB\0", 1, len(encoded)) + encoded + data
 
 
 def encoder_config(

@@ -16,7 +16,7 @@ from common.embedding_record import EmbeddingRecord, decode_record, encode_recor
 from encoder_service.circuit_breaker import BreakerState, CircuitBreaker
 from encoder_service.embedding_cache import CacheUnavailableError, LocalEmbeddingCache, RedisEmbeddingCache
 from tests.encoder.conftest import RedisKeys
-from tests.encoder.support import free_port
+from tests.encoder.support import free_port, version_1_record
 
 FINGERPRINT = "f" * 64
 
@@ -89,31 +89,38 @@ def test_redis_round_trip_with_ttl(redis_url: str, redis_keys: RedisKeys) -> Non
     assert torch.equal(asyncio.run(scenario()), value)  # type: ignore[arg-type]
     name = redis_keys.name(key)
     assert 0 < redis_keys.client.ttl(name) <= 60
-    record = decode_record(redis_keys.client.get(name), FINGERPRINT)  # type: ignore[arg-type]
-    assert (record.dtype, record.shape) == ("float32", (5, 3))
+    record = decode_record(redis_keys.client.get(name), FINGERPRINT, key)  # type: ignore[arg-type]
+    assert (record.dtype, record.shape, record.key) == ("float32", (5, 3), key)
 
 
-def _poison(kind: str) -> bytes:
-    good = EmbeddingRecord(dtype="float32", shape=(2, 3), fingerprint=FINGERPRINT, data=torch.ones(6).numpy().tobytes())
+def _poison(kind: str, key: str) -> bytes:
+    data = torch.ones(6).numpy().tobytes()
+    good = EmbeddingRecord(dtype="float32", shape=(2, 3), fingerprint=FINGERPRINT, key=key, data=data)
     if kind == "wrong_length":
         return encode_record(good)[:-4]
     if kind == "wrong_fingerprint":
-        return encode_record(EmbeddingRecord(good.dtype, good.shape, "0" * 64, good.data))
+        return encode_record(EmbeddingRecord(good.dtype, good.shape, "0" * 64, key, good.data))
     if kind == "wrong_shape":
-        return encode_record(EmbeddingRecord(good.dtype, (3, 2), FINGERPRINT, good.data))
+        return encode_record(EmbeddingRecord(good.dtype, (3, 2), FINGERPRINT, key, good.data))
     if kind == "nan":
         nan = torch.full((6,), float("nan")).numpy().tobytes()
-        return encode_record(EmbeddingRecord(good.dtype, good.shape, FINGERPRINT, nan))
+        return encode_record(EmbeddingRecord(good.dtype, good.shape, FINGERPRINT, key, nan))
+    if kind == "another_key":  # intact, same encoder and shape, but written for another image
+        return encode_record(EmbeddingRecord(good.dtype, good.shape, FINGERPRINT, new_key(), good.data))
+    if kind == "version_1":  # the old format, without the image key
+        return version_1_record(FINGERPRINT, good.dtype, (2, 3), good.data)
     if kind == "pickle":
         return b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."
     return b"garbage that is not a record"
 
 
-@pytest.mark.parametrize("kind", ["wrong_length", "wrong_fingerprint", "wrong_shape", "nan", "pickle", "garbage"])
+@pytest.mark.parametrize(
+    "kind", ["wrong_length", "wrong_fingerprint", "wrong_shape", "nan", "another_key", "version_1", "pickle", "garbage"]
+)
 def test_poisoned_record_is_a_miss_and_is_deleted(redis_url: str, redis_keys: RedisKeys, kind: str) -> None:
     key = new_key()
     name = redis_keys.name(key)
-    redis_keys.client.set(name, _poison(kind))
+    redis_keys.client.set(name, _poison(kind, key))
     poisoned: list[int] = []
 
     async def scenario() -> torch.Tensor | None:
@@ -127,6 +134,34 @@ def test_poisoned_record_is_a_miss_and_is_deleted(redis_url: str, redis_keys: Re
     assert asyncio.run(scenario()) is None
     assert poisoned == [1]
     assert redis_keys.client.exists(name) == 0
+
+
+def test_record_of_another_image_under_this_key_is_a_miss(redis_url: str, redis_keys: RedisKeys) -> None:
+    """Image A's valid record copied under image B's Redis key: a miss, deleted; B's own embedding is stored after."""
+    key_a, key_b = new_key(), new_key()
+    name_a, name_b = redis_keys.name(key_a), redis_keys.name(key_b)
+    value_a, value_b = torch.randn(2, 3), torch.randn(2, 3)  # same encoder, same shape: only the key tells them apart
+    poisoned: list[int] = []
+
+    async def scenario() -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        cache = redis_cache(
+            redis_url, expected_dtype="float32", expected_shape=(2, 3), on_poisoned=lambda: poisoned.append(1)
+        )
+        try:
+            await cache.put(key_a, value_a)
+            redis_keys.client.set(name_b, redis_keys.client.get(name_a))  # type: ignore[arg-type]
+            copied = await cache.get(key_b)
+            assert redis_keys.client.exists(name_b) == 0  # deleted
+            await cache.put(key_b, value_b)  # what the caller does after a miss: encode B and store it
+            return copied, await cache.get(key_b), await cache.get(key_a)
+        finally:
+            await cache.close()
+
+    copied, b_after, a_after = asyncio.run(scenario())
+    assert copied is None and poisoned == [1]
+    assert torch.equal(b_after, value_b)  # type: ignore[arg-type]
+    assert torch.equal(a_after, value_a)  # type: ignore[arg-type]  # A's own record is untouched
+    assert decode_record(redis_keys.client.get(name_b), FINGERPRINT, key_b).key == key_b  # type: ignore[arg-type]
 
 
 def test_poison_delete_spares_a_value_written_since(redis_url: str, redis_keys: RedisKeys) -> None:

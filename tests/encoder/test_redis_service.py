@@ -13,7 +13,7 @@ from common.embedding_record import EmbeddingRecord, decode_record, encode_recor
 from common.tensor_codec import tensor_from_proto
 from protos import encoder_pb2
 from tests.encoder.conftest import RedisKeys, Reference, StartServer
-from tests.encoder.support import RedisProcess, encoder_config, free_port, png_bytes
+from tests.encoder.support import RedisProcess, encoder_config, free_port, png_bytes, version_1_record
 
 
 def test_records_are_shared_through_redis_with_ttl(
@@ -28,22 +28,26 @@ def test_records_are_shared_through_redis_with_ttl(
     assert miss.embedding == hit.embedding
     name = redis_keys.name(miss.embedding_key)
     fingerprint = second_replica.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10).fingerprint
-    record = decode_record(redis_keys.client.get(name), fingerprint)  # type: ignore[arg-type]
-    assert (record.dtype, record.shape) == ("float32", (16, 64))
+    record = decode_record(redis_keys.client.get(name), fingerprint, miss.embedding_key)  # type: ignore[arg-type]
+    assert (record.dtype, record.shape, record.key) == ("float32", (16, 64), miss.embedding_key)
     assert 0 < redis_keys.client.ttl(name) <= 120
     assert second_replica.metric("mmserve_encoder_images_encoded_total") == 1  # its warm-up only
 
 
-def _poison(kind: str, fingerprint: str) -> bytes:
+def _poison(kind: str, fingerprint: str, key: str) -> bytes:
     data = torch.ones(16 * 64).numpy().tobytes()
     if kind == "wrong_length":
-        return encode_record(EmbeddingRecord("float32", (16, 64), fingerprint, data))[:-8]
+        return encode_record(EmbeddingRecord("float32", (16, 64), fingerprint, key, data))[:-8]
     if kind == "wrong_fingerprint":
-        return encode_record(EmbeddingRecord("float32", (16, 64), "e" * 64, data))
+        return encode_record(EmbeddingRecord("float32", (16, 64), "e" * 64, key, data))
+    if kind == "another_key":  # intact, this encoder, right shape: but another image's record
+        return encode_record(EmbeddingRecord("float32", (16, 64), fingerprint, "d" * 64, data))
+    if kind == "version_1":  # the old format, without the image key
+        return version_1_record(fingerprint, "float32", (16, 64), data)
     return b"\x00garbage\xff" * 10
 
 
-@pytest.mark.parametrize("kind", ["wrong_length", "wrong_fingerprint", "garbage"])
+@pytest.mark.parametrize("kind", ["wrong_length", "wrong_fingerprint", "another_key", "version_1", "garbage"])
 def test_poisoned_records_are_misses_and_are_deleted(
     kind: str,
     tiny_checkpoint: Path,
@@ -57,7 +61,7 @@ def test_poisoned_records_are_misses_and_are_deleted(
     data = png_bytes()
     key = server.run(server.server.core.image_key(data))  # type: ignore[union-attr]
     name = redis_keys.name(key)
-    poison = _poison(kind, fingerprint)
+    poison = _poison(kind, fingerprint, key)
 
     # Looked up by key alone: a miss (FAILED_PRECONDITION), and the record is gone.
     redis_keys.client.set(name, poison)
@@ -71,7 +75,43 @@ def test_poisoned_records_are_misses_and_are_deleted(
     (result,) = server.encode(data).images
     assert not result.cache_hit
     assert torch.equal(tensor_from_proto(result.embedding), hf_reference(tiny_checkpoint, [data])[0])
-    assert decode_record(redis_keys.client.get(name), fingerprint).shape == (16, 64)  # type: ignore[arg-type]
+    assert decode_record(redis_keys.client.get(name), fingerprint, key).shape == (16, 64)  # type: ignore[arg-type]
+    assert server.metric("mmserve_encoder_cache_poisoned_total") == 2
+
+
+def test_record_of_image_a_copied_under_image_b_is_a_miss(
+    tiny_checkpoint: Path,
+    start_server: StartServer,
+    redis_url: str,
+    redis_keys: RedisKeys,
+    hf_reference: Reference,
+) -> None:
+    """Image A's valid record under image B's Redis key: B is encoded afresh, never served A's embedding."""
+    server = start_server(encoder_config(tiny_checkpoint, redis_url=redis_url))
+    fingerprint = server.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10).fingerprint
+    image_a, image_b = png_bytes(), png_bytes()
+    (result_a,) = server.encode(image_a).images
+    key_b = server.run(server.server.core.image_key(image_b))  # type: ignore[union-attr]
+    name_a, name_b = redis_keys.name(result_a.embedding_key), redis_keys.name(key_b)
+    copied = redis_keys.client.get(name_a)
+    assert copied is not None
+
+    # Looked up by B's key alone: a miss (FAILED_PRECONDITION), and the copied record is gone.
+    redis_keys.client.set(name_b, copied)
+    with pytest.raises(grpc.RpcError) as error:
+        server.encode(key_b)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert redis_keys.client.exists(name_b) == 0
+
+    # With B's bytes: a miss, B's own embedding (not A's), and B's own record stored in place of the copy.
+    redis_keys.client.set(name_b, copied)
+    (result_b,) = server.encode(image_b).images
+    assert not result_b.cache_hit and result_b.embedding_key == key_b
+    expected_b = hf_reference(tiny_checkpoint, [image_b])[0]
+    assert torch.equal(tensor_from_proto(result_b.embedding), expected_b)
+    assert not torch.equal(tensor_from_proto(result_a.embedding), expected_b)
+    assert decode_record(redis_keys.client.get(name_b), fingerprint, key_b).key == key_b  # type: ignore[arg-type]
+    assert redis_keys.client.get(name_a) == copied  # A's own record is untouched
     assert server.metric("mmserve_encoder_cache_poisoned_total") == 2
 
 
