@@ -148,7 +148,7 @@ class EncoderClient:
                     grpc.StatusCode.FAILED_PRECONDITION):  # fmt: skip
             return ImageResolveError(code, details)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            if deadline is not None and deadline - time.monotonic() <= 0.001:
+            if deadline is not None and deadline - time.monotonic() <= 0.01:  # the client's own deadline passed
                 return ImageResolveError(code, "the deadline passed while the images were being encoded")
             return ImageResolveError(
                 grpc.StatusCode.UNAVAILABLE,

@@ -38,6 +38,7 @@ from protos import encoder_pb2, generator_pb2, generator_pb2_grpc
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_ID_LEN = 256
+DEADLINE_SLACK_S = 0.01  # a cancel this close to the deadline is the deadline
 _FINISH_REASONS = {
     "stop": generator_pb2.FINISH_REASON_STOP,
     "length": generator_pb2.FINISH_REASON_LENGTH,
@@ -210,7 +211,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             error = exc
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            call.status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            # A deadline cancels the handler when the server's clock says it passed; allow a little slack for
+            # the rounding between the client's and the server's deadline clocks.
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+            call.status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             raise
         except Exception:
             logger.exception("request failed", extra={"request_id": call.request_id})
