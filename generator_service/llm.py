@@ -15,7 +15,6 @@ same key as over gRPC), so a repeated image is encoded once and hits the KV pref
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -215,6 +214,7 @@ class LLM:
         tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
         texts: dict[str, list[str]] = {r.request_id: [] for r in requests}
         logprobs: dict[str, list[TokenLogprobs]] = {r.request_id: [] for r in requests}
+        prompts = {r.request_id: r.prompt_token_ids for r in requests}
         done: dict[str, CompletionOutput] = {}
         while len(done) < len(requests):
             for output in self.engine.step():
@@ -224,7 +224,7 @@ class LLM:
                 if output.finished and output.usage is not None and output.finish_reason is not None:
                     done[output.request_id] = CompletionOutput(
                         request_id=output.request_id,
-                        prompt_token_ids=[],
+                        prompt_token_ids=prompts[output.request_id],
                         token_ids=tokens[output.request_id],
                         text="".join(texts[output.request_id]),
                         finish_reason=output.finish_reason,
@@ -232,4 +232,4 @@ class LLM:
                         usage=output.usage,
                         logprobs=logprobs[output.request_id],
                     )
-        return [dataclasses.replace(done[r.request_id], prompt_token_ids=r.prompt_token_ids) for r in requests]
+        return [done[r.request_id] for r in requests]

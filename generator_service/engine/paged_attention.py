@@ -18,7 +18,7 @@ See shared/notes/hf-seam.md for the verified recipe and its pitfalls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,16 @@ class PrefillChunk:
     num_tokens: int
     context_slots: torch.Tensor  # [start + num_tokens] cache slots of every position the chunk can see
     query_positions: torch.Tensor  # [num_tokens] absolute positions (start .. start + n - 1)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[n, ctx] bool: key visible to query. Built once per step and window, shared by every layer."""
+        if window not in self._masks:
+            key_positions = torch.arange(self.context_slots.numel(), device=self.context_slots.device)  # [ctx]
+            distance = self.query_positions[:, None] - key_positions[None, :]  # [n, ctx]
+            visible = distance >= 0  # bottom-right causal: row i sees keys 0 .. start + i
+            self._masks[window] = visible if window is None else visible & (distance < window)
+        return self._masks[window]
 
 
 @dataclass
@@ -90,12 +100,7 @@ def paged_attention(
         q = query[:, :, rows]  # [1, heads, n, head_dim]
         k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)  # [1, kvh, ctx, head_dim]
         v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
-        key_positions = torch.arange(chunk.context_slots.numel(), device=query.device)  # [ctx]
-        distance = chunk.query_positions[:, None] - key_positions[None, :]  # [n, ctx]
-        visible = distance >= 0
-        if window is not None:
-            visible = visible & (distance < window)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scaling, enable_gqa=gqa)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask(window), scale=scaling, enable_gqa=gqa)
         out[rows] = attended[0].transpose(0, 1)  # [n, heads, head_dim]
 
     return out.unsqueeze(0), None  # [1, T, heads, head_dim], as HF's attention functions return
