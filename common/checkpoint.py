@@ -1,16 +1,9 @@
-"""Load one half of a Hugging Face LLaVA checkpoint without materialising the other half.
+"""Load one half of a Hugging Face vision-language checkpoint without materialising the other half.
 
-The encoder needs the vision tower and the projector; the generator needs the language model and its head.
-Loading the full `LlavaForConditionalGeneration` on both sides would double the memory of each service, so we
-read the safetensors files ourselves and keep only the tensors of the wanted half.
-
-Checkpoint key layouts in the wild (all handled here):
-
-    in-memory name (5.x)           save_pretrained (5.x)        llava-hf hub (legacy)
-    model.vision_tower.X           vision_tower.X               vision_tower.vision_model.X
-    model.multi_modal_projector.X  multi_modal_projector.X      multi_modal_projector.X
-    model.language_model.X         language_model.model.X       language_model.model.X
-    lm_head.X                      language_model.lm_head.X     language_model.lm_head.X
+The encoder needs the vision half (tower, projector, ...); the generator needs the language model and its head.
+Loading the full `*ForConditionalGeneration` on both sides would double the memory of each service, so we read
+the safetensors files ourselves and keep only the tensors of the wanted half. Which stored key belongs to which
+half, and which modules make up the vision half, is the model family's knowledge (`common/models/`).
 
 Modules are built from the config with HF's initialisation turned off (their parameters are then replaced by
 the loaded tensors), so buffers that are not stored in checkpoints (CLIP's position ids, rotary frequencies)
@@ -22,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,27 +23,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlavaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from common.errors import CheckpointError
 from common.hashing import fingerprint_digest
-
-# Checkpoint key -> (part, name inside that part's module). First match wins.
-_PART_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("vision_tower", re.compile(r"^(?:model\.)?vision_tower\.")),
-    ("projector", re.compile(r"^(?:model\.)?multi_modal_projector\.")),
-    ("language_model", re.compile(r"^(?:model\.language_model\.|language_model\.model\.)")),
-    ("lm_head", re.compile(r"^(?:language_model\.)?lm_head\.")),
-)
-VISION_PARTS = ("vision_tower", "projector")
-TEXT_PARTS = ("language_model", "lm_head")
+from common.models import ModelFamily, family_for_config
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is missing, incomplete or not a LLaVA checkpoint; the message says which file or key."""
 
 
 @dataclass
@@ -65,15 +44,18 @@ class LoadReport:
 
 @dataclass
 class VisionHalf:
-    config: LlavaConfig
-    vision_tower: PreTrainedModel
-    projector: nn.Module
+    family: ModelFamily
+    modules: dict[str, nn.Module]  # one per `family.vision_parts`, in eval mode, exactly as stored
     report: LoadReport
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.family.config
 
 
 @dataclass
 class TextHalf:
-    config: LlavaConfig
+    family: ModelFamily
     model: PreTrainedModel  # a *ForCausalLM: `.model` is the decoder stack, `.lm_head` the head
     report: LoadReport
 
@@ -107,13 +89,13 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Path:
     return Path(local)
 
 
-def load_llava_config(path: Path) -> LlavaConfig:
-    config = AutoConfig.from_pretrained(path)
-    if not isinstance(config, LlavaConfig):
-        raise CheckpointError(
-            f"{path} holds a {type(config).__name__} ({config.model_type!r}); mmserve serves LLaVA checkpoints"
-        )
-    return config
+def load_family(path: Path) -> ModelFamily:
+    """The model family of the checkpoint at `path`; UnsupportedArchitectureError lists the supported ones."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as exc:  # unknown model_type, malformed config.json
+        raise CheckpointError(f"{path}/config.json could not be read as a Hugging Face config: {exc}") from None
+    return family_for_config(config)
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -127,20 +109,14 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json (only safetensors load)")
 
 
-def _classify(key: str) -> tuple[str, str] | None:
-    for part, pattern in _PART_PATTERNS:
-        match = pattern.match(key)
-        if match:
-            return part, key[match.end():]
-    return None
-
-
-def _part_tensors(path: Path, parts: tuple[str, ...]) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
+def _part_tensors(
+    path: Path, family: ModelFamily, parts: tuple[str, ...]
+) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
     """Yield (part, local name, loader) for every checkpoint tensor of `parts`; others are never read."""
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
-                classified = _classify(key)
+                classified = family.classify(key)
                 if classified is None or classified[0] not in parts:
                     continue
                 part, local = classified
@@ -157,6 +133,7 @@ def _build_empty(factory: Callable[[], nn.Module], device: str) -> nn.Module:
 def _load_into(
     modules: dict[str, nn.Module],
     path: Path,
+    family: ModelFamily,
     dtype: torch.dtype,
     device: str,
     report: LoadReport,
@@ -164,10 +141,10 @@ def _load_into(
 ) -> None:
     expected = {part: set(module.state_dict()) for part, module in modules.items()}
     loaded: dict[str, dict[str, torch.Tensor]] = {part: {} for part in modules}
-    for part, local, load in _part_tensors(path, tuple(modules)):
+    for part, local, load in _part_tensors(path, family, tuple(modules)):
         name = _match_name(local, expected[part])
         if name is None:
-            report.tensors_skipped += 1  # e.g. a SigLIP pooling head that LLaVA never calls
+            report.tensors_skipped += 1  # e.g. a SigLIP pooling head that the family never calls
             continue
         tensor = load()
         report.tensors_read.append(f"{part}.{name}")
@@ -188,32 +165,29 @@ def _match_name(local: str, expected: set[str]) -> str | None:
     return None
 
 
-
 def load_vision_half(
     model: str | Path, *, dtype: str = "float32", device: str = "cpu", revision: str | None = None
 ) -> VisionHalf:
-    """Vision tower + projector of a LLaVA checkpoint; no language-model tensor is read."""
+    """The vision half of a checkpoint (the family's `vision_parts`); no language-model tensor is read."""
     path = resolve_checkpoint(str(model), revision)
-    config = load_llava_config(path)
-    modules: dict[str, nn.Module] = {
-        "vision_tower": _build_empty(lambda: AutoModel.from_config(config.vision_config), device),
-        "projector": _build_empty(lambda: LlavaMultiModalProjector(config), device),
-    }
+    family = load_family(path)
+    with torch.device(device), no_init_weights():
+        # HF init off: see `_build_empty`.
+        modules = family.build_vision_modules()
     report = LoadReport()
-    _load_into(modules, path, torch_dtype(dtype), device, report)
-    tower, projector = modules["vision_tower"], modules["projector"]
-    if not isinstance(tower, PreTrainedModel):
-        raise CheckpointError(f"{path}: the vision config builds a {type(tower).__name__}, not a transformers model")
-    return VisionHalf(config=config, vision_tower=tower.eval(), projector=projector.eval(), report=report)
+    _load_into(modules, path, family, torch_dtype(dtype), device, report)
+    for module in modules.values():
+        module.eval()
+    return VisionHalf(family=family, modules=modules, report=report)
 
 
 def load_text_half(
     model: str | Path, *, dtype: str = "float32", device: str = "cpu", revision: str | None = None
 ) -> TextHalf:
-    """Language model + head of a LLaVA checkpoint as a `*ForCausalLM`; no vision tensor is read."""
+    """Language model + head of a checkpoint as a `*ForCausalLM`; no vision tensor is read."""
     path = resolve_checkpoint(str(model), revision)
-    config = load_llava_config(path)
-    text_config = config.get_text_config()
+    family = load_family(path)
+    text_config = family.text_config
     causal_lm = _build_empty(lambda: AutoModelForCausalLM.from_config(text_config), device)
     if not isinstance(causal_lm, PreTrainedModel):
         raise CheckpointError(f"{path}: the text config builds a {type(causal_lm).__name__}, not a causal LM")
@@ -222,34 +196,35 @@ def load_text_half(
     split = {"language_model": causal_lm.model, "lm_head": causal_lm.lm_head}
     # A tied head may be absent from the checkpoint (Qwen2-VL-2B, Gemma3): it shares the embedding matrix.
     tied = frozenset({"lm_head"}) if text_config.tie_word_embeddings else frozenset()
-    _load_into(split, path, torch_dtype(dtype), device, report, optional_parts=tied)
+    _load_into(split, path, family, torch_dtype(dtype), device, report, optional_parts=tied)
     if tied:
         causal_lm.lm_head.weight = causal_lm.model.embed_tokens.weight
-    return TextHalf(config=config, model=causal_lm.eval(), report=report)
+    return TextHalf(family=family, model=causal_lm.eval(), report=report)
 
 
 def vision_weights_digest(model: str | Path) -> str:
-    """SHA-256 over the vision tower and projector tensors as stored (names, dtypes, shapes, bytes).
+    """SHA-256 over the vision-half tensors as stored (names, dtypes, shapes, bytes).
 
     Computed from the safetensors files without torch, so the generator gets the same value as the encoder
     without loading the vision weights; layout-independent, since names are normalised first.
     """
     path = resolve_checkpoint(str(model))
+    family = load_family(path)
     entries: list[tuple[str, Path, str, list[int], int, int]] = []
     for file in _safetensors_files(path):
         header_size, header = _read_safetensors_header(file)
         for key, meta in header.items():
             if key == "__metadata__":
                 continue
-            classified = _classify(key)
-            if classified is None or classified[0] not in VISION_PARTS:
+            classified = family.classify(key)
+            if classified is None or classified[0] not in family.vision_parts:
                 continue
             part, local = classified
             begin, end = meta["data_offsets"]
             canonical = f"{part}.{local.removeprefix('vision_model.')}"
             entries.append((canonical, file, meta["dtype"], meta["shape"], 8 + header_size + begin, end - begin))
     if not entries:
-        raise CheckpointError(f"{path}: no vision tower or projector tensors found")
+        raise CheckpointError(f"{path}: no vision tensors ({', '.join(family.vision_parts)}) found")
     digest = hashlib.sha256(b"mmserve-vision-weights-v1")
     for canonical, file, dtype, shape, offset, length in sorted(entries):
         digest.update(json.dumps([canonical, dtype, shape]).encode())
@@ -292,16 +267,16 @@ def encoder_fingerprint(model: str | Path, *, dtype: str, revision: str | None =
     """Identity of everything that determines an image's embedding; part of every image key.
 
     Weights (content digest, so a re-saved or re-laid-out copy of the same weights matches and two random
-    checkpoints of the same shape do not), the feature layer and select strategy, the image-processor
-    settings and the dtype the encoder computes in.
+    checkpoints of the same shape do not), the family and its embedding settings (for LLaVA the feature layer
+    and select strategy), the image-processor settings and the dtype the encoder computes in.
     """
     path = resolve_checkpoint(str(model), revision)
-    config = load_llava_config(path)
+    family = load_family(path)
     return fingerprint_digest(
         {
             "weights": vision_weights_digest(path),
-            "vision_feature_layer": config.vision_feature_layer,
-            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "family": family.name,
+            **family.embedding_identity(),
             "image_processor": image_processor_config(path),
             "dtype": dtype,
         }

@@ -1,25 +1,21 @@
-"""Images -> projected LLaVA image embeddings: synchronous, transport-free, exact against Hugging Face.
+"""Images -> projected image embeddings: synchronous, transport-free, exact against Hugging Face.
 
 `VisionEncoder` is the one place that runs the vision half of a checkpoint. The gRPC encoder service calls it
 from its batcher thread and the generator's offline API imports it and calls it in-process, so its public API
 (below) is stable:
 
-    encoder = VisionEncoder(ModelConfig(model="path/to/llava"))
+    encoder = VisionEncoder(ModelConfig(model="path/to/checkpoint"))
+    encoder.family                 # the checkpoint's model family (common/models/): it computes the features
     encoder.fingerprint            # identity of everything that determines an embedding (part of every key)
     encoder.hidden_size            # columns of an embedding = the language model's hidden size
     encoder.image_placeholder      # "<image>"
-    encoder.num_image_tokens(img)  # rows of an embedding (fixed per checkpoint for LLaVA-1.5)
+    encoder.num_image_tokens(img)  # rows of an embedding
     encoder.encode([img, ...])     # -> [tensor [num_tokens, hidden_size] on CPU, in the configured dtype]
 
-The pipeline mirrors `LlavaModel.get_image_features` (transformers 5.x) step for step, so a batch of one is
-bit-identical to it in float32:
-
     PIL RGB --checkpoint's image processor (PIL backend)--> pixel_values [B, 3, H, W]
-      --vision tower(output_hidden_states=True)--> hidden_states[layer]         [B, T(+CLS), D_vision]
-         (a list of layers: each selected, then concatenated on the feature dim -> [B, T, D_vision * n])
-      --"default" strategy drops CLS: [:, 1:]--> --projector--> [B, num_tokens, hidden_size]
+      --family.image_features (Hugging Face's own modules)--> [B, num_tokens, hidden_size]
 
-Tower layers after the deepest selected hidden state are removed at load time (their output is never used).
+The family's features equal its Hugging Face model's `get_image_features` bit for bit in float32 at batch 1.
 """
 
 from __future__ import annotations
@@ -31,8 +27,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
-from transformers import PreTrainedModel
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from common.checkpoint import encoder_fingerprint, load_vision_half, resolve_checkpoint, torch_dtype
@@ -66,7 +60,7 @@ def load_image_processor(path: Path) -> Any:
 
 
 class VisionEncoder:
-    """Vision tower + projector of one LLaVA checkpoint, with the checkpoint's image processor.
+    """The vision half of one checkpoint, with the checkpoint's image processor.
 
     Construction loads only the vision half (no language-model tensor is read) and runs one forward pass on a
     blank image to learn the token count and warm up kernels. `encode` may be called from any single thread at a
@@ -80,19 +74,16 @@ class VisionEncoder:
         self.dtype = model_config.dtype
         self.torch_dtype = torch_dtype(model_config.dtype)
         half = load_vision_half(self.path, dtype=model_config.dtype, device=model_config.device)
-        self._tower = half.vision_tower
-        self._projector = half.projector
-        config = half.config
-        self.feature_layer: int | list[int] = config.vision_feature_layer
-        self.select_strategy: str = config.vision_feature_select_strategy
-        self._layer_indices = _drop_unused_layers(self._tower, self.feature_layer)
-        self.hidden_size = int(config.get_text_config().hidden_size)
-        self.image_token_id = int(config.image_token_id)
-        self.image_size = int(getattr(config.vision_config, "image_size", 0))
+        self.family = half.family
+        self._modules = half.modules
+        self.family.prepare_vision(self._modules)  # e.g. drops tower layers whose output is never read
+        self.hidden_size = int(self.family.text_config.hidden_size)
+        self.image_token_id = self.family.image_token_id
+        self.image_size = self.family.image_size
         self.image_placeholder = _image_placeholder(self.path)
         self.fingerprint = encoder_fingerprint(self.path, dtype=model_config.dtype)
         self._processor = load_image_processor(self.path)
-        # LLaVA-1.5 resizes and crops every image to one size, so every image has the same number of tokens.
+        # Families whose processor gives every image one size (LLaVA-1.5) have one token count for every image.
         self._tokens_per_image = int(self.encode([Image.new("RGB", (64, 64), (127, 127, 127))])[0].shape[0])
 
     @property
@@ -100,7 +91,7 @@ class VisionEncoder:
         return self._tokens_per_image
 
     def num_image_tokens(self, image: Image.Image | None = None) -> int:
-        """Rows of the embedding of `image` (the same for every image with LLaVA-1.5's resize-and-crop)."""
+        """Rows of the embedding of `image` (the same for every image with a fixed-resolution processor)."""
         return self._tokens_per_image
 
     def check_image(self, image: Image.Image) -> None:
@@ -122,9 +113,7 @@ class VisionEncoder:
         """pixel_values [B, 3, H, W] -> B embeddings [num_tokens, hidden_size], on CPU, in the configured dtype."""
         with torch.inference_mode():
             pixels = pixel_values.to(device=self.device, dtype=self.torch_dtype)  # [B, 3, H, W]
-            outputs = self._tower(pixels, output_hidden_states=True, return_dict=True)
-            features = self._select_features(outputs.hidden_states)  # [B, num_tokens, D_vision * n_layers]
-            projected = self._projector(features)  # [B, num_tokens, hidden_size]
+            projected = self.family.image_features(self._modules, pixels)  # [B, num_tokens, hidden_size]
             # One owned CPU tensor per image: a view would keep the whole batch alive in a cache.
             return [row.to("cpu").clone() for row in projected.unbind(0)]
 
@@ -134,45 +123,18 @@ class VisionEncoder:
             return []
         return self.encode_pixels(self.preprocess(images))
 
-    def _select_features(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-        # Same selection as LlavaModel.get_image_features: "default" drops the CLS token of each selected layer.
-        selected = [hidden_states[layer] for layer in self._layer_indices]  # each [B, T, D_vision]
-        if self.select_strategy == "default":
-            selected = [states[:, 1:] for states in selected]
-        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-
     def describe(self) -> dict[str, Any]:
         """Settings worth one log line at start-up."""
         return {
             "model": self.model_config.model,
             "device": str(self.device),
             "dtype": self.dtype,
-            "vision_feature_layer": self.feature_layer,
-            "vision_feature_select_strategy": self.select_strategy,
+            **self.family.describe(),
             "tokens_per_image": self._tokens_per_image,
-            "layers_run": max(self._layer_indices) if self._layer_indices else 0,
             "hidden_size": self.hidden_size,
             "processor": type(self._processor).__name__,
             "fingerprint": self.fingerprint[:16],
         }
-
-
-def _drop_unused_layers(tower: PreTrainedModel, feature_layer: int | list[int]) -> list[int]:
-    """Remove the encoder layers after the deepest selected one; returns the selected hidden-state indices.
-
-    `hidden_states` holds the embeddings plus one entry per layer, so with the usual `vision_feature_layer=-2`
-    the last layer's output is never used: like vLLM, we do not run it (1/24 of a CLIP-L tower). Earlier layers
-    compute exactly what they computed before, so the features are bit-identical. Negative indices are made
-    absolute first, since the truncated tower returns fewer hidden states.
-    """
-    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
-    num_layers = int(tower.config.num_hidden_layers)
-    absolute = [layer % (num_layers + 1) for layer in layers]  # hidden_states has num_layers + 1 entries
-    stacks = [m for m in tower.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
-    if len(stacks) != 1:  # an unfamiliar tower layout: run it whole, select as Hugging Face does
-        return layers
-    del stacks[0][max(absolute) :]
-    return absolute
 
 
 def _image_placeholder(path: Path) -> str:

@@ -1,9 +1,9 @@
 """Prompt text + images -> the engine's token ids and image spans, exactly as the checkpoint's processor does.
 
-`LlavaProcessor` expands every image placeholder (`<image>`) of the text into one placeholder token per image
+The processor expands every image placeholder (`<image>`) of the text into one placeholder token per image
 embedding row, then tokenizes the expanded text. We do the same with the checkpoint's own tokenizer, using the
-embedding row counts the encoder produced, and check them against what the processor expects, so the number
-of placeholder tokens always equals the number of embedding rows.
+embedding row counts the encoder produced, and check them against what the model family says the processor
+expects (`ModelFamily.tokens_per_image`), so the number of placeholder tokens always equals the number of rows.
 
     "USER: <image>\\nWhat is this? ASSISTANT:"   with one image of 16 rows
     -> [<s>, USER, :, <image> x16, \\n, What, ...]        ImageSpan(key, offset=3, length=16)
@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.models import ModelFamily
 from generator_service.engine.request import ImageSpan
 
 
@@ -31,12 +32,13 @@ class TokenizedPrompt:
 class InputProcessor:
     """Wraps the checkpoint's processor: chat rendering, placeholder expansion, tokenization."""
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, family: ModelFamily) -> None:
         self.processor = processor
+        self.family = family
         self.tokenizer = processor.tokenizer
         self.image_token: str = processor.image_token
         self.image_token_id: int = int(processor.image_token_id)
-        self.tokens_per_image = _tokens_per_image(processor)
+        self.tokens_per_image = family.tokens_per_image(processor)  # None: it varies per image
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -92,23 +94,3 @@ class InputProcessor:
             cursor += rows
         return TokenizedPrompt(token_ids=token_ids, image_spans=tuple(spans))
 
-
-def _tokens_per_image(processor: Any) -> int | None:
-    """Image tokens per image for fixed-resolution LLaVA processors; None when the processor is not one.
-
-    Mirrors `LlavaProcessor.replace_image_token`: patches of the resized (cropped) image, plus extra tokens
-    such as CLS, minus CLS again when the "default" feature strategy drops it.
-    """
-    patch_size = getattr(processor, "patch_size", None)
-    image_processor = processor.image_processor
-    crop = getattr(image_processor, "crop_size", None) if getattr(image_processor, "do_center_crop", False) else None
-    size = crop or getattr(image_processor, "size", None) or {}
-    height, width = size.get("height"), size.get("width")
-    if height is None and "shortest_edge" in size:
-        height = width = size["shortest_edge"]
-    if not patch_size or height is None or width is None:
-        return None
-    tokens = (height // patch_size) * (width // patch_size) + int(getattr(processor, "num_additional_image_tokens", 0))
-    if getattr(processor, "vision_feature_select_strategy", None) == "default":
-        tokens -= 1
-    return tokens

@@ -1,7 +1,7 @@
 """The offline API: the encoder and the engine in one process, no network (like vLLM's `LLM.generate`).
 
     from generator_service import LLM, SamplingParams
-    llm = LLM(model="path/to/llava-checkpoint")
+    llm = LLM(model="path/to/checkpoint")
     outputs = llm.generate(
         [{"prompt": "USER: <image>\\nWhat is this? ASSISTANT:", "multi_modal_data": {"image": pil_image}}],
         SamplingParams(max_tokens=32, temperature=0),
@@ -83,7 +83,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
         )
         self.engine = LLMEngine.from_config(self.config)
-        self.inputs = InputProcessor(self.engine.processor)
+        self.inputs = InputProcessor(self.engine.processor, self.engine.family)
         self._encoder: VisionEncoder | None = None
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._max_cached_images = max_cached_images

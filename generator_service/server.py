@@ -27,7 +27,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.checkpoint import load_llava_config, resolve_checkpoint
 from common.config import GeneratorConfig
 from common.serving import MetricsHttpServer, bind_and_start, run_until_signal, set_health, start_metrics_http
 from generator_service.engine.async_engine import AsyncEngine
@@ -130,7 +129,7 @@ class GeneratorServer:
         engine = AsyncEngine(loaded.engine)
         engine.start()
         self.engine = engine
-        inputs = InputProcessor(loaded.engine.processor)
+        inputs = InputProcessor(loaded.engine.processor, loaded.engine.family)
         hidden_size = int(loaded.engine.runner.model.config.hidden_size)
         core = loaded.core
         if core is not None:
@@ -179,8 +178,7 @@ class GeneratorServer:
     def _load_models(self) -> _Loaded:
         engine = LLMEngine.from_config(self.config.engine)
         model = self.config.engine.model
-        image_size = int(getattr(load_llava_config(resolve_checkpoint(model.model, model.revision)).vision_config,
-                                 "image_size", 0))  # fmt: skip
+        image_size = engine.family.image_size
         core = None
         if self.config.encoder_address is None:  # single-process deployment: encode images here
             from encoder_service.core import EncoderCore

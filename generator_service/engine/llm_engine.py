@@ -85,7 +85,8 @@ class LLMEngine:
         self.config = config
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        text_config = text_half.config.get_text_config()
+        self.family = text_half.family  # the generator asks it only about inputs (token counts), never branches on it
+        text_config = text_half.family.text_config
         self.max_model_len = config.max_model_len or int(text_config.max_position_embeddings)
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(text_half, config, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)

@@ -81,8 +81,8 @@ def test_halves_equal_full_model(
     read_counter.keys.clear()
     vision_half = load_vision_half(path)
     vision_keys = list(read_counter.keys)
-    _assert_equal_modules(vision_half.vision_tower, full.model.vision_tower)
-    _assert_equal_modules(vision_half.projector, full.model.multi_modal_projector)
+    _assert_equal_modules(vision_half.modules["vision_tower"], full.model.vision_tower)
+    _assert_equal_modules(vision_half.modules["projector"], full.model.multi_modal_projector)
 
     read_counter.keys.clear()
     text_half = load_text_half(path)
@@ -106,8 +106,8 @@ def test_halves_reproduce_full_model_outputs(tiny_checkpoint: Path) -> None:
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = torch.stack(list(full.get_image_features(pixel_values=pixels).pooler_output))
-        hidden = vision_half.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-        assert torch.equal(vision_half.projector(hidden), reference)
+        hidden = vision_half.modules["vision_tower"](pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        assert torch.equal(vision_half.modules["projector"](hidden), reference)
         ids = torch.tensor([[1, 50, 60, 70, 80]])
         assert torch.equal(text_half.model(input_ids=ids).logits, full(input_ids=ids).logits)
 

@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from common.config import EngineConfig, ModelConfig
+from common.models import family_for_config
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine, RequestOutput
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.engine.scheduler import RequestRejected
@@ -55,7 +56,7 @@ class Harness:
         self.path = path
         self.processor = AutoProcessor.from_pretrained(path)
         self.model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-        self.inputs = InputProcessor(self.processor)
+        self.inputs = InputProcessor(self.processor, family_for_config(self.model.config))
         self.images = _images()
         self._features: dict[int, torch.Tensor] = {}
 
