@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
@@ -29,6 +30,8 @@ from transformers.initialization import no_init_weights
 from common.errors import CheckpointError
 from common.hashing import fingerprint_digest
 from common.models import ModelFamily, family_for_config
+
+_Built = TypeVar("_Built")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -123,7 +126,7 @@ def _part_tensors(
                 yield part, local, functools.partial(handle.get_tensor, key)
 
 
-def _build_empty(factory: Callable[[], nn.Module], device: str) -> nn.Module:
+def _build_empty(factory: Callable[[], _Built], device: str) -> _Built:
     # HF init off: parameters are allocated but not initialised (they are all replaced below), while
     # non-persistent buffers (position ids, rotary inv_freq) are computed by the constructors as usual.
     with torch.device(device), no_init_weights():
@@ -171,9 +174,7 @@ def load_vision_half(
     """The vision half of a checkpoint (the family's `vision_parts`); no language-model tensor is read."""
     path = resolve_checkpoint(str(model), revision)
     family = load_family(path)
-    with torch.device(device), no_init_weights():
-        # HF init off: see `_build_empty`.
-        modules = family.build_vision_modules()
+    modules = _build_empty(family.build_vision_modules, device)
     report = LoadReport()
     _load_into(modules, path, family, torch_dtype(dtype), device, report)
     for module in modules.values():
