@@ -60,7 +60,7 @@ $(COMPAT_VENV)/.installed: requirements.txt requirements-dev.txt
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -q
 
-$(DEMO_MODEL)/config.json: common/demo_model.py common/assets/corpus.txt | install
+$(DEMO_MODEL)/config.json: common/demo_model.py $(wildcard common/demo_checkpoints/*.py) common/assets/corpus.txt | install
 	$(PY) -m common.demo_model $(DEMO_MODEL) --size tiny --seed 0
 
 demo-model: install $(DEMO_MODEL)/config.json
@@ -68,7 +68,7 @@ demo-model: install $(DEMO_MODEL)/config.json
 demo: install $(DEMO_MODEL)/config.json
 	$(PY) -m examples.demo --model $(DEMO_MODEL) --image examples/cat.jpg
 
-$(BENCH_MODEL)/config.json: common/demo_model.py common/assets/corpus.txt | install
+$(BENCH_MODEL)/config.json: common/demo_model.py $(wildcard common/demo_checkpoints/*.py) common/assets/corpus.txt | install
 	$(PY) -m common.demo_model $(BENCH_MODEL) --size bench --seed 0
 
 bench: bench-encoder bench-engine

@@ -19,17 +19,19 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from common.errors import CheckpointError
 from common.hashing import fingerprint_digest
 from common.models import ModelFamily, family_for_config
+from common.models.base import Half
 
 _Built = TypeVar("_Built")
 
@@ -48,7 +50,7 @@ class LoadReport:
 @dataclass
 class VisionHalf:
     family: ModelFamily
-    modules: dict[str, nn.Module]  # one per `family.vision_parts`, in eval mode, exactly as stored
+    module: nn.Module  # the family's `build_vision()`, in eval mode, weights exactly as stored
     report: LoadReport
 
     @property
@@ -112,18 +114,14 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json (only safetensors load)")
 
 
-def _part_tensors(
-    path: Path, family: ModelFamily, parts: tuple[str, ...]
-) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
-    """Yield (part, local name, loader) for every checkpoint tensor of `parts`; others are never read."""
+def _half_tensors(path: Path, family: ModelFamily, half: Half) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """Yield (name inside the half's module, loader) for every checkpoint tensor of `half`; others are never read."""
     for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 classified = family.classify(key)
-                if classified is None or classified[0] not in parts:
-                    continue
-                part, local = classified
-                yield part, local, functools.partial(handle.get_tensor, key)
+                if classified is not None and classified[0] == half:
+                    yield classified[1], functools.partial(handle.get_tensor, key)
 
 
 def _build_empty(factory: Callable[[], _Built], device: str) -> _Built:
@@ -134,35 +132,39 @@ def _build_empty(factory: Callable[[], _Built], device: str) -> _Built:
 
 
 def _load_into(
-    modules: dict[str, nn.Module],
+    module: nn.Module,
+    half: Half,
     path: Path,
     family: ModelFamily,
     dtype: torch.dtype,
     device: str,
     report: LoadReport,
-    optional_parts: frozenset[str] = frozenset(),
+    optional: frozenset[str] = frozenset(),
 ) -> None:
-    expected = {part: set(module.state_dict()) for part, module in modules.items()}
-    loaded: dict[str, dict[str, torch.Tensor]] = {part: {} for part in modules}
-    for part, local, load in _part_tensors(path, family, tuple(modules)):
-        name = _match_name(local, expected[part])
+    """Fill `module` with the checkpoint's tensors of `half`; every tensor but the `optional` ones must be there."""
+    expected = set(module.state_dict())
+    loaded: dict[str, torch.Tensor] = {}
+    for stored_name, load in _half_tensors(path, family, half):
+        name = _match_name(stored_name, expected)
         if name is None:
             report.tensors_skipped += 1  # e.g. a SigLIP pooling head that the family never calls
             continue
         tensor = load()
-        report.tensors_read.append(f"{part}.{name}")
+        report.tensors_read.append(name)
         report.bytes_read += tensor.numel() * tensor.element_size()
-        loaded[part][name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    for part, module in modules.items():
-        missing = expected[part] - set(loaded[part])
-        if missing and not (part in optional_parts and not loaded[part]):
-            raise CheckpointError(f"{path}: {part} weights missing from the checkpoint: {sorted(missing)[:5]}")
-        module.load_state_dict(loaded[part], strict=False, assign=True)
+        loaded[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    missing = expected - set(loaded) - optional
+    if missing:
+        raise CheckpointError(f"{path}: {half} weights missing from the checkpoint: {sorted(missing)[:5]}")
+    module.load_state_dict(loaded, strict=False, assign=True)
 
 
-def _match_name(local: str, expected: set[str]) -> str | None:
-    """The module's name for a checkpoint tensor; towers saved with or without a `vision_model.` level."""
-    for candidate in (local, local.removeprefix("vision_model."), "vision_model." + local):
+def _match_name(stored: str, expected: set[str]) -> str | None:
+    """The module's name for a stored tensor; vision towers are saved with or without a `vision_model.` level
+    (`vision_tower.vision_model.X` on the llava-hf hub, `vision_tower.X` from 5.x save_pretrained)."""
+    head, _, rest = stored.partition(".")
+    for candidate_rest in (rest, rest.removeprefix("vision_model."), "vision_model." + rest):
+        candidate = f"{head}.{candidate_rest}" if rest else head
         if candidate in expected:
             return candidate
     return None
@@ -171,15 +173,13 @@ def _match_name(local: str, expected: set[str]) -> str | None:
 def load_vision_half(
     model: str | Path, *, dtype: str = "float32", device: str = "cpu", revision: str | None = None
 ) -> VisionHalf:
-    """The vision half of a checkpoint (the family's `vision_parts`); no language-model tensor is read."""
+    """The vision half of a checkpoint (the family's `build_vision()`); no language-model tensor is read."""
     path = resolve_checkpoint(str(model), revision)
     family = load_family(path)
-    modules = _build_empty(family.build_vision_modules, device)
+    module = _build_empty(family.build_vision, device)
     report = LoadReport()
-    _load_into(modules, path, family, torch_dtype(dtype), device, report)
-    for module in modules.values():
-        module.eval()
-    return VisionHalf(family=family, modules=modules, report=report)
+    _load_into(module, "vision", path, family, torch_dtype(dtype), device, report)
+    return VisionHalf(family=family, module=module.eval(), report=report)
 
 
 def load_text_half(
@@ -193,13 +193,11 @@ def load_text_half(
     if not isinstance(causal_lm, PreTrainedModel):
         raise CheckpointError(f"{path}: the text config builds a {type(causal_lm).__name__}, not a causal LM")
     report = LoadReport()
-    # One module, two checkpoint parts: the decoder stack under `model.`, the head under `lm_head.`.
-    split = {"language_model": causal_lm.model, "lm_head": causal_lm.lm_head}
-    # A tied head may be absent from the checkpoint (Qwen2-VL-2B, Gemma3): it shares the embedding matrix.
-    tied = frozenset({"lm_head"}) if text_config.tie_word_embeddings else frozenset()
-    _load_into(split, path, family, torch_dtype(dtype), device, report, optional_parts=tied)
+    # A tied head may be absent from the checkpoint (OPT, Qwen2-VL-2B, Gemma3): it shares the embedding matrix.
+    tied = frozenset({"lm_head.weight"}) if text_config.tie_word_embeddings else frozenset()
+    _load_into(causal_lm, "text", path, family, torch_dtype(dtype), device, report, optional=tied)
     if tied:
-        causal_lm.lm_head.weight = causal_lm.model.embed_tokens.weight
+        causal_lm.lm_head.weight = causal_lm.get_input_embeddings().weight
     return TextHalf(family=family, model=causal_lm.eval(), report=report)
 
 
@@ -218,14 +216,14 @@ def vision_weights_digest(model: str | Path) -> str:
             if key == "__metadata__":
                 continue
             classified = family.classify(key)
-            if classified is None or classified[0] not in family.vision_parts:
+            if classified is None or classified[0] != "vision":
                 continue
-            part, local = classified
+            head, _, rest = classified[1].partition(".")
             begin, end = meta["data_offsets"]
-            canonical = f"{part}.{local.removeprefix('vision_model.')}"
+            canonical = f"{head}.{rest.removeprefix('vision_model.')}"
             entries.append((canonical, file, meta["dtype"], meta["shape"], 8 + header_size + begin, end - begin))
     if not entries:
-        raise CheckpointError(f"{path}: no vision tensors ({', '.join(family.vision_parts)}) found")
+        raise CheckpointError(f"{path}: no vision tensors found")
     digest = hashlib.sha256(b"mmserve-vision-weights-v1")
     for canonical, file, dtype, shape, offset, length in sorted(entries):
         digest.update(json.dumps([canonical, dtype, shape]).encode())
@@ -249,6 +247,40 @@ def _read_safetensors_header(file: Path) -> tuple[int, dict[str, dict]]:
         (size,) = struct.unpack("<Q", prefix)
         header = json.loads(handle.read(size))
     return size, header
+
+
+def load_processor(path: Path) -> Any:
+    """The checkpoint's own processor (tokenizer, chat template, placeholder rules) with a PIL image processor.
+
+    torchvision is not a dependency, so the image processor is always the PIL backend (`load_image_processor`),
+    whatever backend the processor would pick by itself.
+    """
+    processor = AutoProcessor.from_pretrained(path)
+    processor.image_processor = load_image_processor(path)
+    return processor
+
+
+def load_image_processor(path: Path) -> Any:
+    """The checkpoint's own image processor, PIL backend (torchvision is not a dependency).
+
+    Reads `processor_config.json` (5.x) or `preprocessor_config.json` (llava-hf hub layout) offline. The class
+    comes from the auto module itself: without torchvision, transformers 5.17 exports `AutoImageProcessor` at the
+    top level as a placeholder that refuses to load even the PIL processors.
+    """
+    try:
+        processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    except TypeError:
+        processor = None
+    if processor is None or type(processor).__name__.endswith("Fast"):
+        # transformers releases before the `backend` argument: there the slow processor is the PIL one.
+        processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+    return processor
+
+
+def image_placeholder(processor: Any) -> str:
+    """The processor's image placeholder text (`<image>` for LLaVA; BLIP-2 keeps it as an AddedToken)."""
+    token = processor.image_token
+    return str(getattr(token, "content", token))
 
 
 def image_processor_config(path: Path) -> dict:

@@ -1,4 +1,8 @@
-"""Errors shared by the checkpoint loader and the model-family layer (no torch, no transformers imports)."""
+"""Errors shared by the checkpoint loader, the model-family layer and both services (no torch imports).
+
+Each carries a message that is safe to show a client; the services map them to gRPC status codes in one table
+(`common/serving.py`).
+"""
 
 from __future__ import annotations
 
@@ -9,3 +13,7 @@ class CheckpointError(ValueError):
 
 class UnsupportedArchitectureError(CheckpointError):
     """The checkpoint's architecture has no model family in mmserve; the message lists the supported ones."""
+
+
+class InvalidPrompt(ValueError):
+    """The prompt and its images do not fit together; the message says how (sent as INVALID_ARGUMENT)."""

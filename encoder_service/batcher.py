@@ -1,6 +1,6 @@
 """Dynamic batching of single-image encodes, and single flight per image key. No grpc, no redis.
 
-    submit(pixels) ──▶ asyncio queue ──▶ batch loop ──▶ run_batch([B, 3, H, W]) on ONE worker thread
+    submit(image) ──▶ asyncio queue ──▶ batch loop ──▶ run_batch([image, ...]) on ONE worker thread
          ▲                                    │
          └─────────── future per item ◀───────┘
 
@@ -26,10 +26,12 @@ from typing import Generic, TypeVar
 
 import torch
 
+from common.models.base import PreparedImage
+
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-RunBatch = Callable[[torch.Tensor], list[torch.Tensor]]
+RunBatch = Callable[[list[PreparedImage]], list[torch.Tensor]]
 
 
 class BatcherClosedError(Exception):
@@ -38,7 +40,7 @@ class BatcherClosedError(Exception):
 
 @dataclass
 class _Item:
-    pixels: torch.Tensor  # [3, H, W]
+    image: PreparedImage
     future: asyncio.Future[torch.Tensor]
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -46,8 +48,8 @@ class _Item:
 class DynamicBatcher:
     """Groups concurrent `submit` calls into batched calls of `run_batch`, in a dedicated worker thread.
 
-    `run_batch` maps pixel values [B, 3, H, W] to B outputs; `on_batch(size, seconds)` is called after each.
-    Items with different pixel shapes never share a batch.
+    `run_batch` maps B prepared images to B outputs; `on_batch(size, seconds)` is called after each. Items with
+    different batch signatures (tensor shapes) never share a batch.
     """
 
     def __init__(
@@ -78,27 +80,27 @@ class DynamicBatcher:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="mmserve-batcher")
 
-    async def submit(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Encode one image's pixel values [3, H, W]; resolves when its batch has run."""
+    async def submit(self, image: PreparedImage) -> torch.Tensor:
+        """Encode one prepared image; resolves when its batch has run."""
         if self._closed or self._loop_task is None:
             raise BatcherClosedError("the encoder is not running")
-        item = _Item(pixels, asyncio.get_running_loop().create_future())
+        item = _Item(image, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(item)
         return await item.future
 
-    async def submit_prepared(self, prepare: Callable[[], torch.Tensor], executor: Executor) -> torch.Tensor:
-        """Run `prepare()` (decode + preprocess -> pixels [3, H, W]) on `executor`, then `submit` its result.
+    async def submit_prepared(self, prepare: Callable[[], PreparedImage], executor: Executor) -> torch.Tensor:
+        """Run `prepare()` (decode + preprocess) on `executor`, then `submit` its result.
 
         Exceptions of `prepare` propagate to the caller. While it runs, batches being collected wait for it.
         """
         self._preparing += 1
         try:
-            pixels = await asyncio.get_running_loop().run_in_executor(executor, prepare)
+            image = await asyncio.get_running_loop().run_in_executor(executor, prepare)
         finally:
             # No await between here and the queue put in submit(): the batch loop never sees this item as
             # neither preparing nor queued.
             self._preparing -= 1
-        return await self.submit(pixels)
+        return await self.submit(image)
 
     async def close(self) -> None:
         """Stop taking work; the batch in progress finishes, queued items fail with BatcherClosedError."""
@@ -142,9 +144,9 @@ class DynamicBatcher:
                 batch.append(self._queue.get_nowait())
 
     async def _run(self, items: list[_Item]) -> None:
-        pixels = torch.stack([item.pixels for item in items])  # [B, 3, H, W]
+        images = [item.image for item in items]
         started = time.perf_counter()
-        work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, pixels)
+        work = asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, images)
         try:
             await asyncio.wait([work])
         except asyncio.CancelledError:
@@ -171,9 +173,9 @@ class DynamicBatcher:
 
 
 def _group_by_shape(items: list[_Item]) -> list[list[_Item]]:
-    groups: dict[tuple[int, ...], list[_Item]] = {}
+    groups: dict[tuple, list[_Item]] = {}
     for item in items:
-        groups.setdefault(tuple(item.pixels.shape), []).append(item)
+        groups.setdefault(item.image.batch_signature, []).append(item)
     return list(groups.values())
 
 

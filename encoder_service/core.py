@@ -21,6 +21,7 @@ import torch
 
 from common.config import CacheConfig
 from common.hashing import image_key
+from common.models.base import PreparedImage
 from encoder_service.batcher import DynamicBatcher, SingleFlight
 from encoder_service.embedding_cache import (
     CacheUnavailableError,
@@ -56,7 +57,8 @@ def make_cache(
         config,
         encoder.fingerprint,
         expected_dtype=encoder.dtype,
-        expected_shape=(encoder.tokens_per_image, encoder.hidden_size),
+        expected_rows=encoder.tokens_per_image,
+        expected_hidden_size=encoder.hidden_size,
         on_error=metrics.record_cache_error,
         on_poisoned=metrics.cache_poisoned.inc,
     )
@@ -86,7 +88,7 @@ class EncoderCore:
         self.limits = limits
         self.metrics = metrics or EncoderMetrics()
         self.batcher = DynamicBatcher(
-            encoder.encode_pixels,
+            encoder.encode_prepared,
             max_batch_size=max_batch_size,
             max_wait_s=max_batch_wait_s,
             on_batch=self.metrics.record_batch,
@@ -147,6 +149,5 @@ class EncoderCore:
         await self.cache.put(key, embedding)
         return ImageEmbedding(key, embedding, cache_hit=False)
 
-    def _prepare(self, data: bytes) -> torch.Tensor:
-        image = decode_image(data, self.limits)
-        return self.encoder.preprocess([image])[0]  # [3, H, W]
+    def _prepare(self, data: bytes) -> PreparedImage:
+        return self.encoder.prepare(decode_image(data, self.limits))

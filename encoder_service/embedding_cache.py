@@ -122,8 +122,9 @@ class RedisEmbeddingCache:
     """Redis-backed cache of verified embedding records (`common.embedding_record`) under `mmserve:emb:<key>`.
 
     Every call is time-boxed by `timeout_s`; failures call `on_error(op)` and feed a circuit breaker that skips
-    Redis for `breaker_cooldown_s` after `breaker_failures` consecutive failures. `expected_dtype` and
-    `expected_shape`, when given, are checked on read too. Use from one asyncio event loop.
+    Redis for `breaker_cooldown_s` after `breaker_failures` consecutive failures. `expected_dtype`,
+    `expected_rows` (for families with a fixed token count) and `expected_hidden_size`, when given, are checked
+    on read too. Use from one asyncio event loop.
     """
 
     def __init__(
@@ -136,7 +137,8 @@ class RedisEmbeddingCache:
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 10.0,
         expected_dtype: str | None = None,
-        expected_shape: tuple[int, int] | None = None,
+        expected_rows: int | None = None,
+        expected_hidden_size: int | None = None,
         on_error: Callable[[str], None] | None = None,
         on_poisoned: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -146,7 +148,8 @@ class RedisEmbeddingCache:
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
         self._expected_dtype = expected_dtype
-        self._expected_shape = expected_shape
+        self._expected_rows = expected_rows
+        self._expected_hidden_size = expected_hidden_size
         self._on_error = on_error
         self._on_poisoned = on_poisoned
         self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s, clock)
@@ -207,8 +210,11 @@ class RedisEmbeddingCache:
         record = decode_record(blob, self.fingerprint, key)
         if self._expected_dtype is not None and record.dtype != self._expected_dtype:
             raise RecordError(f"record dtype {record.dtype}, expected {self._expected_dtype}")
-        if self._expected_shape is not None and record.shape != self._expected_shape:
-            raise RecordError(f"record shape {list(record.shape)}, expected {list(self._expected_shape)}")
+        rows, hidden_size = record.shape
+        if self._expected_hidden_size is not None and hidden_size != self._expected_hidden_size:
+            raise RecordError(f"record shape {list(record.shape)}, expected {self._expected_hidden_size} columns")
+        if self._expected_rows is not None and rows != self._expected_rows:
+            raise RecordError(f"record shape {list(record.shape)}, expected {self._expected_rows} rows")
         tensor = tensor_from_bytes(record.dtype, record.shape, record.data)
         if not torch.isfinite(tensor).all():
             raise RecordError("record holds NaN or infinite values")

@@ -115,8 +115,8 @@ class EncoderServer:
         )
         core.start()
         # Warm-up through the batcher thread (kernels, allocator, thread pools), not through the cache.
-        blank = await loop.run_in_executor(None, encoder.preprocess, [Image.new("RGB", (64, 64), (127, 127, 127))])
-        await core.batcher.submit(blank[0])
+        blank = await loop.run_in_executor(None, encoder.prepare, Image.new("RGB", (64, 64), (127, 127, 127)))
+        await core.batcher.submit(blank)
         self.core = core
         self._servicer.attach(core)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

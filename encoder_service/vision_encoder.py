@@ -1,38 +1,44 @@
 """Images -> projected image embeddings: synchronous, transport-free, exact against Hugging Face.
 
-`VisionEncoder` is the one place that runs the vision half of a checkpoint. The gRPC encoder service calls it
-from its batcher thread and the generator's offline API imports it and calls it in-process, so its public API
-(below) is stable:
+`VisionEncoder` is the one place that runs the vision half of a checkpoint. The encoder service calls it from its
+batcher thread and the generator's in-process path does the same, so its public API (below) is stable:
 
     encoder = VisionEncoder(ModelConfig(model="path/to/checkpoint"))
-    encoder.family                 # the checkpoint's model family (common/models/): it computes the features
-    encoder.fingerprint            # identity of everything that determines an embedding (part of every key)
-    encoder.hidden_size            # columns of an embedding = the language model's hidden size
-    encoder.image_placeholder      # "<image>"
-    encoder.num_image_tokens(img)  # rows of an embedding
-    encoder.encode([img, ...])     # -> [tensor [num_tokens, hidden_size] on CPU, in the configured dtype]
+    encoder.family                    # the checkpoint's model family (common/models/): it computes the features
+    encoder.fingerprint               # identity of everything that determines an embedding (part of every key)
+    encoder.hidden_size               # columns of an embedding = the language model's hidden size
+    encoder.image_placeholder         # "<image>"
+    encoder.tokens_per_image          # rows of every embedding, or None when they depend on the image's size
+    encoder.num_image_tokens(img)     # rows of the embedding of `img`
+    encoder.prepare(img, condition)   # -> PreparedImage (the processor's tensors for one image)
+    encoder.encode_prepared([...])    # prepared images of one batch signature -> embeddings
+    encoder.encode([img, ...])        # -> [tensor [rows, hidden_size] on CPU, in the configured dtype]
 
-    PIL RGB --checkpoint's image processor (PIL backend)--> pixel_values [B, 3, H, W]
-      --family.image_features (Hugging Face's own modules)--> [B, num_tokens, hidden_size]
+    PIL RGB (+ condition) --family.prepare_image (the checkpoint's processor, PIL backend)--> PreparedImage
+      --family.image_features (the HF model's own get_image_features)--> one [rows, hidden_size] per image
 
 The family's features equal its Hugging Face model's `get_image_features` bit for bit in float32 at batch 1.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-from common.checkpoint import encoder_fingerprint, load_vision_half, resolve_checkpoint, torch_dtype
+from common.checkpoint import (
+    encoder_fingerprint,
+    image_placeholder,
+    load_processor,
+    load_vision_half,
+    resolve_checkpoint,
+    torch_dtype,
+)
 from common.config import ModelConfig
+from common.models.base import PreparedImage, collate
 
-DEFAULT_IMAGE_PLACEHOLDER = "<image>"
 # Processors that resize the shortest edge to S stretch the long edge to S * aspect before cropping: a 1 x 16384
 # image would become a 336 x 5.5M float array. Such images are rejected before the processor runs.
 MAX_ASPECT_RATIO = 32.0
@@ -42,29 +48,11 @@ class UnsupportedImageError(ValueError):
     """A decoded image this encoder will not process; str(e) is safe to send to a client."""
 
 
-def load_image_processor(path: Path) -> Any:
-    """The checkpoint's own image processor, PIL backend (torchvision is not a dependency).
-
-    Reads `processor_config.json` (5.x) or `preprocessor_config.json` (llava-hf hub layout) offline. The class
-    comes from the auto module itself: without torchvision, transformers 5.17 exports `AutoImageProcessor` at the
-    top level as a placeholder that refuses to load even the PIL processors.
-    """
-    try:
-        processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-    except TypeError:
-        processor = None
-    if processor is None or type(processor).__name__.endswith("Fast"):
-        # transformers releases before the `backend` argument: there the slow processor is the PIL one.
-        processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
-    return processor
-
-
 class VisionEncoder:
-    """The vision half of one checkpoint, with the checkpoint's image processor.
+    """The vision half of one checkpoint, with the checkpoint's processor.
 
-    Construction loads only the vision half (no language-model tensor is read) and runs one forward pass on a
-    blank image to learn the token count and warm up kernels. `encode` may be called from any single thread at a
-    time; it runs under `torch.inference_mode()`.
+    Construction loads only the vision half (no language-model tensor is read). `encode*` may be called from any
+    single thread at a time; they run under `torch.inference_mode()`.
     """
 
     def __init__(self, model_config: ModelConfig) -> None:
@@ -75,24 +63,20 @@ class VisionEncoder:
         self.torch_dtype = torch_dtype(model_config.dtype)
         half = load_vision_half(self.path, dtype=model_config.dtype, device=model_config.device)
         self.family = half.family
-        self._modules = half.modules
-        self.family.prepare_vision(self._modules)  # e.g. drops tower layers whose output is never read
-        self.hidden_size = int(self.family.text_config.hidden_size)
+        self._vision = half.module
+        self._prepared_notes = self.family.prepare_vision(self._vision)  # e.g. drops never-read tower layers
+        self.hidden_size = self.family.hidden_size
         self.image_token_id = self.family.image_token_id
         self.image_size = self.family.image_size
-        self.image_placeholder = _image_placeholder(self.path)
         self.fingerprint = encoder_fingerprint(self.path, dtype=model_config.dtype)
-        self._processor = load_image_processor(self.path)
-        # Families whose processor gives every image one size (LLaVA-1.5) have one token count for every image.
-        self._tokens_per_image = int(self.encode([Image.new("RGB", (64, 64), (127, 127, 127))])[0].shape[0])
+        self._processor = load_processor(self.path)
+        self.image_placeholder = image_placeholder(self._processor)
+        self.tokens_per_image = self.family.tokens_per_image(self._processor)
 
-    @property
-    def tokens_per_image(self) -> int:
-        return self._tokens_per_image
-
-    def num_image_tokens(self, image: Image.Image | None = None) -> int:
-        """Rows of the embedding of `image` (the same for every image with a fixed-resolution processor)."""
-        return self._tokens_per_image
+    def num_image_tokens(self, image: Image.Image) -> int:
+        """Rows of the embedding of `image` (the processor's rule; the same for every image of fixed-size families)."""
+        width, height = image.size
+        return self.family.num_image_tokens(self._processor, (height, width))
 
     def check_image(self, image: Image.Image) -> None:
         """Raises UnsupportedImageError for images the processor would blow up (extreme aspect ratios)."""
@@ -102,26 +86,36 @@ class VisionEncoder:
                 f"image is {width} x {height}; the aspect ratio must be at most {MAX_ASPECT_RATIO:g}:1"
             )
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB images -> pixel_values [B, 3, H, W] float32 on CPU, exactly as the checkpoint's processor makes them."""
-        for image in images:
-            self.check_image(image)
-        pixel_values = self._processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return pixel_values  # [B, 3, H, W]
+    def prepare(self, image: Image.Image, condition: str | None = None) -> PreparedImage:
+        """One RGB image (+ its embedding condition) -> the processor's tensors for it, on CPU, as HF makes them."""
+        self.check_image(image)
+        return self.family.prepare_image(self._processor, image, condition)
 
-    def encode_pixels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """pixel_values [B, 3, H, W] -> B embeddings [num_tokens, hidden_size], on CPU, in the configured dtype."""
+    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[torch.Tensor]:
+        """Prepared images of one batch signature -> one embedding [rows, hidden_size] each, CPU, configured dtype."""
         with torch.inference_mode():
-            pixels = pixel_values.to(device=self.device, dtype=self.torch_dtype)  # [B, 3, H, W]
-            projected = self.family.image_features(self._modules, pixels)  # [B, num_tokens, hidden_size]
+            batch = {
+                name: tensor.to(self.device, dtype=self.torch_dtype if tensor.is_floating_point() else tensor.dtype)
+                for name, tensor in collate(images).items()
+            }
+            features = self.family.image_features(self._vision, batch)  # one [rows, hidden_size] per image
             # One owned CPU tensor per image: a view would keep the whole batch alive in a cache.
-            return [row.to("cpu").clone() for row in projected.unbind(0)]
+            return [feature.to("cpu", dtype=self.torch_dtype).clone() for feature in features]
 
-    def encode(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """RGB PIL images -> one embedding [num_tokens, hidden_size] each (CPU, configured dtype), in order."""
-        if not images:
-            return []
-        return self.encode_pixels(self.preprocess(images))
+    def encode(self, images: Sequence[Image.Image], condition: str | None = None) -> list[torch.Tensor]:
+        """RGB PIL images -> one embedding [rows, hidden_size] each (CPU, configured dtype), in order.
+
+        Images whose prepared tensors have the same shapes share a forward pass.
+        """
+        prepared = [self.prepare(image, condition) for image in images]
+        groups: dict[tuple, list[int]] = {}
+        for index, item in enumerate(prepared):
+            groups.setdefault(item.batch_signature, []).append(index)
+        results: list[torch.Tensor | None] = [None] * len(prepared)
+        for indices in groups.values():
+            for index, embedding in zip(indices, self.encode_prepared([prepared[i] for i in indices]), strict=True):
+                results[index] = embedding
+        return [result for result in results if result is not None]
 
     def describe(self) -> dict[str, Any]:
         """Settings worth one log line at start-up."""
@@ -130,18 +124,9 @@ class VisionEncoder:
             "device": str(self.device),
             "dtype": self.dtype,
             **self.family.describe(),
-            "tokens_per_image": self._tokens_per_image,
+            **self._prepared_notes,
+            "tokens_per_image": self.tokens_per_image or "varies",
             "hidden_size": self.hidden_size,
-            "processor": type(self._processor).__name__,
+            "processor": type(self._processor.image_processor).__name__,
             "fingerprint": self.fingerprint[:16],
         }
-
-
-def _image_placeholder(path: Path) -> str:
-    """The processor's image token (`processor_config.json` "image_token"), `<image>` when the file has none."""
-    processor_file = path / "processor_config.json"
-    if processor_file.is_file():
-        token = json.loads(processor_file.read_text()).get("image_token")
-        if isinstance(token, str) and token:
-            return token
-    return DEFAULT_IMAGE_PLACEHOLDER

@@ -112,7 +112,8 @@ class ImageResolver:
             redis = RedisEmbeddingCache.from_config(
                 config.cache,
                 fingerprint,
-                expected_shape=None if tokens_per_image is None else (tokens_per_image, hidden_size),
+                expected_rows=tokens_per_image,
+                expected_hidden_size=hidden_size,
                 on_error=lambda op: metrics.redis_errors.labels(op=op).inc(),
             )
         encoder = None

@@ -1,9 +1,10 @@
 """Prompt text + images -> the engine's token ids and image spans, exactly as the checkpoint's processor does.
 
-The processor expands every image placeholder (`<image>`) of the text into one placeholder token per image
-embedding row, then tokenizes the expanded text. We do the same with the checkpoint's own tokenizer, using the
-embedding row counts the encoder produced, and check them against what the model family says the processor
-expects (`ModelFamily.tokens_per_image`), so the number of placeholder tokens always equals the number of rows.
+The processor puts one image token per image embedding row where each image goes: LLaVA-style families replace
+each placeholder (`<image>`) of the text in place, BLIP-2-style families put the image tokens in front of the
+tokenized text. Where they go is the model family's rule (`ModelFamily.prompt_token_ids`); here we apply it with
+the embedding row counts the encoder produced, check them against what the family says the processor expects,
+and locate every image's tokens.
 
     "USER: <image>\\nWhat is this? ASSISTANT:"   with one image of 16 rows
     -> [<s>, USER, :, <image> x16, \\n, What, ...]        ImageSpan(key, offset=3, length=16)
@@ -15,12 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.checkpoint import image_placeholder
+from common.errors import InvalidPrompt
 from common.models import ModelFamily
 from generator_service.engine.request import ImageSpan
 
-
-class InvalidPrompt(ValueError):
-    """The prompt and its images do not fit together; the message says how (sent as INVALID_ARGUMENT)."""
+__all__ = ["InputProcessor", "InvalidPrompt", "TokenizedPrompt"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class InputProcessor:
         self.processor = processor
         self.family = family
         self.tokenizer = processor.tokenizer
-        self.image_token: str = processor.image_token
-        self.image_token_id: int = int(processor.image_token_id)
+        self.image_token: str = image_placeholder(processor)
+        self.image_token_id: int = family.image_token_id
         self.tokens_per_image = family.tokens_per_image(processor)  # None: it varies per image
 
     @property
@@ -56,20 +57,16 @@ class InputProcessor:
         except Exception as exc:  # jinja errors: the template rejected the conversation's shape
             raise InvalidPrompt(f"the chat template could not render these messages: {exc}") from None
 
-    def count_placeholders(self, prompt: str) -> int:
-        return prompt.count(self.image_token)
-
     def check_placeholders(self, prompt: str, num_images: int) -> None:
-        """Raise InvalidPrompt unless the prompt has exactly one placeholder per image (before any encoding)."""
-        num_placeholders = self.count_placeholders(prompt)
-        if num_placeholders != num_images:
-            raise InvalidPrompt(
-                f"the prompt has {num_placeholders} image placeholder(s) {self.image_token!r} "
-                f"but {num_images} image(s) were given: put one placeholder per image, in order"
-            )
+        """Raise InvalidPrompt unless the prompt fits its images (before any encoding)."""
+        self.family.check_prompt(prompt, num_images, self.image_token)
+
+    def embedding_condition(self, prompt: str) -> str | None:
+        """What the prompt's image embeddings depend on besides the images (see ModelFamily.embedding_condition)."""
+        return self.family.embedding_condition(prompt)
 
     def tokenize(self, prompt: str, image_keys: Sequence[str], image_rows: Sequence[int]) -> TokenizedPrompt:
-        """Expand each placeholder to its image's row count, tokenize, and locate every image's tokens."""
+        """Expand each image to its row count, tokenize, and locate every image's tokens."""
         self.check_placeholders(prompt, len(image_keys))
         for index, rows in enumerate(image_rows):
             if self.tokens_per_image is not None and rows != self.tokens_per_image:
@@ -77,11 +74,7 @@ class InputProcessor:
                     f"image {index} has {rows} embedding rows but this checkpoint's processor expands an image "
                     f"to {self.tokens_per_image} tokens: the embedding comes from a different encoder"
                 )
-        pieces = prompt.split(self.image_token)
-        expanded = pieces[0] + "".join(
-            self.image_token * rows + piece for rows, piece in zip(image_rows, pieces[1:], strict=True)
-        )
-        token_ids = [int(t) for t in self.tokenizer(expanded).input_ids]
+        token_ids = self.family.prompt_token_ids(self.tokenizer, prompt, self.image_token, image_rows)
         positions = [i for i, token in enumerate(token_ids) if token == self.image_token_id]
         if len(positions) != sum(image_rows):
             raise InvalidPrompt(
@@ -93,4 +86,3 @@ class InputProcessor:
             spans.append(ImageSpan(key=key, offset=positions[cursor], length=rows))
             cursor += rows
         return TokenizedPrompt(token_ids=token_ids, image_spans=tuple(spans))
-

@@ -9,22 +9,25 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from common.demo_model import build_checkpoint
+from common.demo_checkpoints import build_checkpoint
 
 CheckpointFactory = Callable[..., Path]
 
 
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
-    """`factory(vision="clip", text="llama", seed=0, **kwargs)` -> a checkpoint dir, built once per session."""
+    """`factory(vision="clip", text="llama", seed=0, family="llava", **kwargs)` -> a checkpoint dir, built once
+    per session (`text=None`: the family's usual language model)."""
     built: dict[tuple, Path] = {}
     root = tmp_path_factory.mktemp("checkpoints")
 
-    def factory(vision: str = "clip", text: str = "llama", seed: int = 0, **kwargs: object) -> Path:
-        key = (vision, text, seed, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    def factory(
+        vision: str = "clip", text: str | None = None, seed: int = 0, family: str = "llava", **kwargs: object
+    ) -> Path:
+        key = (family, vision, text, seed, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
         if key not in built:
-            name = f"{vision}-{text}-{seed}-{len(built)}"
-            built[key] = build_checkpoint(root / name, vision=vision, text=text, seed=seed, **kwargs)  # type: ignore[arg-type]
+            name = f"{family}-{vision}-{text}-{seed}-{len(built)}"
+            built[key] = build_checkpoint(root / name, family=family, vision=vision, text=text, seed=seed, **kwargs)
         return built[key]
 
     return factory

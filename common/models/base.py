@@ -4,35 +4,85 @@ The engine, scheduler, block manager, caches and servicers are family-agnostic: 
 and embeddings. What differs between architectures lives behind `ModelFamily`, one subclass per family, chosen
 from the checkpoint's config by `common.models.family_for_config`:
 
-    splitting the checkpoint   `vision_parts` / `text_parts` + `part_patterns`: which stored tensor belongs to
-                               which half, so each service reads only its own half of the weights
-    building the vision half   `build_vision_modules` (Hugging Face's own module classes, empty) and
-                               `prepare_vision` (e.g. drop tower layers whose output is never used)
-    image embeddings           `image_features`: pixel values -> projected rows, with HF's own modules
-    token counts               `tokens_per_image`: the processor's own expansion rule; None when it varies
-    embedding identity         `embedding_identity`: what besides the weights and image bytes determines an
-                               embedding; it goes into the encoder fingerprint and so into every cache key
+    splitting the checkpoint   `classify`: which stored tensor belongs to which half ("vision" or "text") and
+                               under which name, so each service reads only its own half of the weights
+    building the vision half   `build_vision`: one module holding Hugging Face's own vision submodules under
+                               their HF names, whose `get_image_features` is HF's own method; `prepare_vision`
+                               (e.g. drop tower layers whose output is never used)
+    image inputs               `prepare_image`: one decoded image (+ its condition) -> the processor's tensors
+    image embeddings           `image_features`: a batch of prepared images -> one [rows, hidden] per image
+    token counts               `tokens_per_image` (None when it varies) and `num_image_tokens(size)`: the
+                               processor's own expansion rule, for an image of any size
+    prompt layout              `check_prompt` / `prompt_token_ids`: where image tokens go (placeholders expanded
+                               in place, or image tokens in front of the text)
+    embedding identity         `embedding_identity` (settings, in the encoder fingerprint) and
+                               `embedding_condition` (per request, e.g. InstructBLIP's instruction): both go
+                               into every image key
 
-Adding a family = one module defining a subclass + `register` in `common/models/__init__.py` + its tests.
+Adding a family = one module defining a subclass + its entry in `common/models/__init__.py` + its demo
+checkpoint and its tests.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import PretrainedConfig
 
-# Stored-key prefixes of the text half, shared by every family whose language model is a `*ForCausalLM` kept
-# under `language_model` (5.x in memory: model.language_model.X; save_pretrained and the hub: language_model.model.X).
-CAUSAL_LM_PART_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("language_model", re.compile(r"^(?:model\.language_model\.|language_model\.model\.)")),
-    ("lm_head", re.compile(r"^(?:language_model\.)?lm_head\.")),
+from common.errors import InvalidPrompt
+
+Half = Literal["vision", "text"]
+ImageSize = tuple[int, int]  # (height, width) in pixels, as Hugging Face processors take it
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """Stored tensor keys matching `pattern` belong to `half`, named `prefix` + the rest of the key there."""
+
+    pattern: re.Pattern[str]
+    half: Half
+    prefix: str = ""
+
+
+def key_rule(pattern: str, half: Half, prefix: str = "") -> KeyRule:
+    return KeyRule(re.compile(pattern), half, prefix)
+
+
+# The text half is a `*ForCausalLM` (`model.` = the decoder stack, `lm_head.`), stored under `language_model`:
+#   in memory (5.x): model.language_model.X   save_pretrained and the hub: language_model.model.X
+#   head:            lm_head.X                 language_model.lm_head.X
+CAUSAL_LM_KEY_RULES: tuple[KeyRule, ...] = (
+    key_rule(r"^(?:model\.language_model\.|language_model\.model\.)", "text", "model."),
+    key_rule(r"^(?:language_model\.)?lm_head\.", "text", "lm_head."),
 )
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image as the vision half takes it: the processor's tensors, each with a leading batch dimension of 1.
+
+    Images whose tensors have equal shapes (`batch_signature`) can share one forward pass: `collate` concatenates
+    them, and padding (which would change the numbers) is never needed.
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def batch_signature(self) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+        return tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in sorted(self.tensors.items()))
+
+
+def collate(images: Sequence[PreparedImage]) -> dict[str, torch.Tensor]:
+    """Prepared images of one `batch_signature` -> the batched keyword arguments of `get_image_features`."""
+    names = images[0].tensors
+    return {name: torch.cat([image.tensors[name] for image in images]) for name in names}
 
 
 class ModelFamily(ABC):
@@ -46,11 +96,9 @@ class ModelFamily(ABC):
     architectures: ClassVar[tuple[str, ...]]  # Hugging Face model classes served, e.g. LlavaForConditional...
     config_class: ClassVar[type[PretrainedConfig]]
     example_hub_ids: ClassVar[tuple[str, ...]] = ()
-    vision_parts: ClassVar[tuple[str, ...]]
-    text_parts: ClassVar[tuple[str, ...]] = ("language_model", "lm_head")
-    # Stored tensor key -> (part, name inside the part's module); first match wins. Keys matching none are
-    # never read by either half.
-    part_patterns: ClassVar[tuple[tuple[str, re.Pattern[str]], ...]]
+    # Stored tensor key -> (half, name inside that half's module); the first matching rule wins. Keys matching
+    # none are never read by either half.
+    key_rules: ClassVar[tuple[KeyRule, ...]]
 
     def __init__(self, config: PretrainedConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -59,43 +107,62 @@ class ModelFamily(ABC):
 
     @classmethod
     def matches(cls, config: PretrainedConfig) -> bool:
-        return isinstance(config, cls.config_class)
+        """Whether this family serves `config`; refusals with a reason raise UnsupportedArchitectureError."""
+        return type(config) is cls.config_class
 
     # --- checkpoint split -------------------------------------------------------------------------------
 
-    def classify(self, key: str) -> tuple[str, str] | None:
-        """(part, name inside that part's module) of a stored tensor key, or None for tensors no half reads."""
-        for part, pattern in self.part_patterns:
-            match = pattern.match(key)
+    def classify(self, key: str) -> tuple[Half, str] | None:
+        """(half, name inside that half's module) of a stored tensor key, or None for tensors no half reads."""
+        for rule in self.key_rules:
+            match = rule.pattern.match(key)
             if match:
-                return part, key[match.end() :]
+                return rule.half, rule.prefix + key[match.end() :]
         return None
 
     @property
     def text_config(self) -> PretrainedConfig:
         return self.config.get_text_config()
 
-    @abstractmethod
-    def build_vision_modules(self) -> dict[str, nn.Module]:
-        """One empty module per vision part (keys = `vision_parts`), built from the config; weights come later."""
+    @property
+    def hidden_size(self) -> int:
+        """Columns of every image embedding: the language model's hidden size."""
+        return int(self.text_config.hidden_size)
 
-    def prepare_vision(self, modules: Mapping[str, nn.Module]) -> None:
-        """Adjust the loaded vision modules before use (e.g. remove layers whose output is never read)."""
-        return None  # most families run their modules as loaded
+    @abstractmethod
+    def build_vision(self) -> nn.Module:
+        """The empty vision half (weights come later): HF's own submodules under the names `classify` gives."""
+
+    def prepare_vision(self, vision: nn.Module) -> dict[str, Any]:
+        """Adjust the loaded vision half before use (e.g. remove layers whose output is never read); returns what
+        was changed, for the start-up log."""
+        return {}  # most families run their modules as loaded
 
     # --- images -------------------------------------------------------------------------------------------
 
+    def prepare_image(self, processor: Any, image: Image.Image, condition: str | None) -> PreparedImage:
+        """One RGB image (and its `embedding_condition`) -> the tensors the checkpoint's processor makes of it."""
+        outputs = processor.image_processor(images=[image], return_tensors="pt")
+        return PreparedImage({name: value for name, value in outputs.items() if isinstance(value, torch.Tensor)})
+
     @abstractmethod
-    def image_features(self, modules: Mapping[str, nn.Module], pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [B, 3, H, W] -> projected image embeddings [B, num_tokens, hidden_size].
+    def image_features(self, vision: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Collated prepared images -> one projected embedding [rows, hidden_size] per image, in order.
 
         Must compute exactly what the Hugging Face model's `get_image_features` computes (bit for bit in float32
-        at batch 1), using its own modules.
+        at batch 1), by calling it.
         """
 
     @abstractmethod
     def tokens_per_image(self, processor: Any) -> int | None:
-        """Placeholder tokens one image expands to under the checkpoint's processor; None when it varies per image."""
+        """Placeholder tokens one image expands to under the checkpoint's processor; None when it varies."""
+
+    def num_image_tokens(self, processor: Any, size: ImageSize) -> int:
+        """Placeholder tokens an image of `size` (height, width) expands to: the processor's own rule."""
+        fixed = self.tokens_per_image(processor)
+        if fixed is not None:
+            return fixed
+        return int(processor._get_num_multimodal_tokens(image_sizes=[list(size)]).num_image_tokens[0])
 
     @property
     def image_token_id(self) -> int:
@@ -103,9 +170,17 @@ class ModelFamily(ABC):
 
     @property
     def image_size(self) -> int:
-        """The side the processor resizes images to (0 when not fixed); reported by GetModelInfo."""
+        """The side the processor resizes images (or tiles) to (0 when not fixed); reported by GetModelInfo."""
         vision_config = getattr(self.config, "vision_config", None)
         return int(getattr(vision_config, "image_size", 0) or 0)
+
+    def embedding_condition(self, prompt: str) -> str | None:
+        """What of the request besides the image bytes its image embeddings depend on (None: nothing).
+
+        InstructBLIP's QFormer reads the instruction, so there the prompt is returned; it becomes part of each
+        image's key, so the same image under two instructions is two cache entries.
+        """
+        return None
 
     @abstractmethod
     def embedding_identity(self) -> dict[str, Any]:
@@ -114,3 +189,26 @@ class ModelFamily(ABC):
     def describe(self) -> dict[str, Any]:
         """Settings worth one log line at start-up."""
         return {"family": self.name, **self.embedding_identity()}
+
+    # --- prompt layout ------------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: str, num_images: int, placeholder: str) -> None:
+        """Raise InvalidPrompt unless the prompt has exactly one placeholder per image (before any encoding)."""
+        num_placeholders = prompt.count(placeholder)
+        if num_placeholders != num_images:
+            raise InvalidPrompt(
+                f"the prompt has {num_placeholders} image placeholder(s) {placeholder!r} "
+                f"but {num_images} image(s) were given: put one placeholder per image, in order"
+            )
+
+    def prompt_token_ids(self, tokenizer: Any, prompt: str, placeholder: str, rows: Sequence[int]) -> list[int]:
+        """Token ids of `prompt` with image i expanded to rows[i] image tokens, as the processor lays them out.
+
+        Default (LLaVA and most families): each placeholder is replaced in place by rows[i] placeholders, then
+        the whole text is tokenized.
+        """
+        pieces = prompt.split(placeholder)
+        expanded = pieces[0]
+        for count, piece in zip(rows, pieces[1:], strict=True):
+            expanded += placeholder * count + piece
+        return [int(token) for token in tokenizer(expanded).input_ids]

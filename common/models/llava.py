@@ -1,10 +1,10 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP or SigLIP tower, an MLP projector, a causal LM.
 
 Every image is resized (and cropped) to one size, so every image becomes the same number of tokens. The image
-features mirror `LlavaModel.get_image_features` (transformers 5.x) step for step:
+features are `LlavaModel.get_image_features` itself, run on a module that holds only the vision submodules:
 
     pixel_values [B, 3, H, W]
-      --vision tower(output_hidden_states=True)--> hidden_states[layer]         [B, T(+CLS), D_vision]
+      --vision tower (hidden states of the selected layers only)--> hidden_states[layer]   [B, T(+CLS), D_vision]
          (a list of layers: each selected, then concatenated on the feature dim -> [B, T, D_vision * n])
       --"default" strategy drops CLS: [:, 1:]--> --projector--> [B, num_tokens, hidden_size]
 
@@ -19,16 +19,27 @@ Stored key layouts (all handled):
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+import copy
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import AutoModel, LlavaConfig, PreTrainedModel
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModalProjector
 
-from common.models.base import CAUSAL_LM_PART_PATTERNS, ModelFamily
+from common.models.base import CAUSAL_LM_KEY_RULES, ModelFamily, key_rule
+
+
+class LlavaVision(nn.Module):
+    """The vision half of `LlavaModel`: its tower and projector under its names, and its own get_image_features."""
+
+    def __init__(self, config: LlavaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+
+    get_image_features = LlavaModel.get_image_features
 
 
 class LlavaFamily(ModelFamily):
@@ -36,49 +47,28 @@ class LlavaFamily(ModelFamily):
     architectures = ("LlavaForConditionalGeneration",)
     config_class = LlavaConfig
     example_hub_ids = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "llava-hf/bakLlava-v1-hf")
-    vision_parts = ("vision_tower", "projector")
-    part_patterns = (
-        ("vision_tower", re.compile(r"^(?:model\.)?vision_tower\.")),
-        ("projector", re.compile(r"^(?:model\.)?multi_modal_projector\.")),
-        *CAUSAL_LM_PART_PATTERNS,
-    )
+    key_rules = (key_rule(r"^(?:model\.)?(?=vision_tower\.|multi_modal_projector\.)", "vision"), *CAUSAL_LM_KEY_RULES)
     config: LlavaConfig
 
-    def __init__(self, config: LlavaConfig) -> None:
-        super().__init__(config)
-        feature_layer = config.vision_feature_layer
-        self.feature_layer: int | list[int] = feature_layer
-        self.select_strategy: str = config.vision_feature_select_strategy
-        # Hidden-state indices to select; made absolute by `prepare_vision` when it truncates the tower.
-        self._layer_indices: list[int] = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    def build_vision(self) -> nn.Module:
+        return LlavaVision(self.config)
 
-    def build_vision_modules(self) -> dict[str, nn.Module]:
-        return {
-            "vision_tower": AutoModel.from_config(self.config.vision_config),
-            "projector": LlavaMultiModalProjector(self.config),
-        }
+    def prepare_vision(self, vision: nn.Module) -> dict[str, Any]:
+        """Drop the tower layers after the deepest selected one (see `drop_unused_layers`)."""
+        vision = cast(LlavaVision, vision)
+        tower = vision.vision_tower
+        if not isinstance(tower, PreTrainedModel):
+            return {}
+        feature_layer = self.config.vision_feature_layer
+        layers = drop_unused_layers(tower, feature_layer)
+        # The truncated tower returns fewer hidden states: select them by absolute index from now on.
+        vision.config = copy.copy(vision.config)
+        vision.config.vision_feature_layer = layers[0] if isinstance(feature_layer, int) else layers
+        return {"layers_run": max(layers) if min(layers) >= 0 else int(tower.config.num_hidden_layers)}
 
-    def prepare_vision(self, modules: Mapping[str, nn.Module]) -> None:
-        tower = modules["vision_tower"]
-        if isinstance(tower, PreTrainedModel):
-            self._layer_indices = drop_unused_layers(tower, self.feature_layer)
-
-    @property
-    def layers_run(self) -> int:
-        return max(self._layer_indices) if self._layer_indices and min(self._layer_indices) >= 0 else 0
-
-    def image_features(self, modules: Mapping[str, nn.Module], pixel_values: torch.Tensor) -> torch.Tensor:
-        outputs = modules["vision_tower"](pixel_values, output_hidden_states=True, return_dict=True)
-        features = self._select_features(outputs.hidden_states)  # [B, num_tokens, D_vision * n_layers]
-        projected: torch.Tensor = modules["projector"](features)  # [B, num_tokens, hidden_size]
-        return projected
-
-    def _select_features(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-        # Same selection as LlavaModel.get_image_features: "default" drops the CLS token of each selected layer.
-        selected = [hidden_states[layer] for layer in self._layer_indices]  # each [B, T, D_vision]
-        if self.select_strategy == "default":
-            selected = [states[:, 1:] for states in selected]
-        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+    def image_features(self, vision: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        outputs = cast(LlavaVision, vision).get_image_features(pixel_values=batch["pixel_values"])
+        return list(outputs.pooler_output)
 
     def tokens_per_image(self, processor: Any) -> int | None:
         """Mirrors `LlavaProcessor`'s expansion: patches of the resized (cropped) image, plus extra tokens such
@@ -104,9 +94,6 @@ class LlavaFamily(ModelFamily):
             "vision_feature_layer": self.config.vision_feature_layer,
             "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
         }
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "layers_run": self.layers_run}
 
 
 def drop_unused_layers(tower: PreTrainedModel, feature_layer: int | list[int]) -> list[int]:

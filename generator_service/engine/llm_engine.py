@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoProcessor
 
-from common.checkpoint import TextHalf, load_text_half, resolve_checkpoint
+from common.checkpoint import TextHalf, load_processor, load_text_half, resolve_checkpoint
 from common.config import EngineConfig
 from generator_service.engine.block_manager import BlockManager
 from generator_service.engine.detokenizer import IncrementalDetokenizer
@@ -117,7 +116,7 @@ class LLMEngine:
         model = config.model
         path = resolve_checkpoint(model.model, model.revision)
         text_half = load_text_half(path, dtype=model.dtype, device=model.device)
-        return cls(config, text_half, AutoProcessor.from_pretrained(path))
+        return cls(config, text_half, load_processor(path))
 
     @staticmethod
     def _blocks_for_memory(text_half: TextHalf, config: EngineConfig, max_model_len: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import safetensors
@@ -18,6 +19,7 @@ from common.checkpoint import (
     load_vision_half,
     vision_weights_digest,
 )
+from common.models.llava import LlavaVision
 from tests.conftest import CheckpointFactory, to_legacy_hub_layout
 
 
@@ -80,9 +82,10 @@ def test_halves_equal_full_model(
 
     read_counter.keys.clear()
     vision_half = load_vision_half(path)
+    vision_module = cast(LlavaVision, vision_half.module)
     vision_keys = list(read_counter.keys)
-    _assert_equal_modules(vision_half.modules["vision_tower"], full.model.vision_tower)
-    _assert_equal_modules(vision_half.modules["projector"], full.model.multi_modal_projector)
+    _assert_equal_modules(vision_module.vision_tower, full.model.vision_tower)
+    _assert_equal_modules(vision_module.multi_modal_projector, full.model.multi_modal_projector)
 
     read_counter.keys.clear()
     text_half = load_text_half(path)
@@ -106,8 +109,9 @@ def test_halves_reproduce_full_model_outputs(tiny_checkpoint: Path) -> None:
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = torch.stack(list(full.get_image_features(pixel_values=pixels).pooler_output))
-        hidden = vision_half.modules["vision_tower"](pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-        assert torch.equal(vision_half.modules["projector"](hidden), reference)
+        vision = cast(LlavaVision, vision_half.module)
+        hidden = vision.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        assert torch.equal(vision.multi_modal_projector(hidden), reference)
         ids = torch.tensor([[1, 50, 60, 70, 80]])
         assert torch.equal(text_half.model(input_ids=ids).logits, full(input_ids=ids).logits)
 

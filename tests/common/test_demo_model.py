@@ -65,9 +65,12 @@ def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path) -> None:
 
 def test_cli_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "m"), "--vision", "siglip", "--text", "mistral", "--seed", "1"]) == 0
-    assert "siglip + mistral" in capsys.readouterr().out
+    assert "llava checkpoint (siglip + mistral" in capsys.readouterr().out
     assert (tmp_path / "m" / "config.json").is_file()
     with pytest.raises(SystemExit):
         main([str(tmp_path / "x"), "--vision", "vit"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x"), "--family", "llava", "--text", "opt"])  # LLaVA has no OPT language model
+    assert "text must be one of" in capsys.readouterr().err
     with pytest.raises(ValueError, match="size must be one of"):
         build_checkpoint(tmp_path / "y", size="huge")

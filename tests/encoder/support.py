@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from common.config import CacheConfig, EncoderConfig, ModelConfig, ServerConfig
+from common.models.base import PreparedImage
 from encoder_service.server import EncoderServer
 from encoder_service.vision_encoder import VisionEncoder
 from protos import encoder_pb2, encoder_pb2_grpc
@@ -74,14 +75,14 @@ class SlowVisionEncoder(VisionEncoder):
         self.preprocessed_images = 0
         super().__init__(model_config)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        self.preprocessed_images += len(images)
-        return super().preprocess(images)
+    def prepare(self, image: Image.Image, condition: str | None = None) -> PreparedImage:
+        self.preprocessed_images += 1
+        return super().prepare(image, condition)
 
-    def encode_pixels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[torch.Tensor]:
         self.forward_passes += 1
         time.sleep(self.delay_s)
-        return super().encode_pixels(pixel_values)
+        return super().encode_prepared(images)
 
 
 class RunningServer:

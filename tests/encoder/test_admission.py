@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from common.config import ConfigError, ModelConfig, encoder_config_from_args
+from common.models.base import PreparedImage
 from protos import encoder_pb2
 from tests.encoder.conftest import StartServer
 from tests.encoder.support import RunningServer, SlowVisionEncoder, encoder_config, png_bytes
@@ -34,11 +35,11 @@ class GatedVisionEncoder(SlowVisionEncoder):
         self.entered = threading.Event()
         super().__init__(model_config)
 
-    def encode_pixels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[torch.Tensor]:
         self.entered.set()
         if not self.gate.wait(timeout=60):
             raise TimeoutError("the test never opened the gate")
-        return super().encode_pixels(pixel_values)
+        return super().encode_prepared(images)
 
 
 Gated = tuple[RunningServer, GatedVisionEncoder]

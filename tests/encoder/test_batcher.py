@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from common.models.base import PreparedImage, collate
 from encoder_service.batcher import BatcherClosedError, DynamicBatcher, SingleFlight
 
 
@@ -23,7 +24,8 @@ class FakeModel:
         self.delay_s = delay_s
         self.fail_on = fail_on
 
-    def __call__(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, images: list[PreparedImage]) -> list[torch.Tensor]:
+        pixels = collate(images)["pixel_values"]
         self.batches.append(pixels.shape[0])
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay_s)
@@ -32,8 +34,8 @@ class FakeModel:
         return [p.sum().reshape(1, 1) for p in pixels]
 
 
-def pixels(value: float, shape: tuple[int, ...] = (3, 2, 2)) -> torch.Tensor:
-    return torch.full(shape, value)
+def pixels(value: float, shape: tuple[int, ...] = (3, 2, 2)) -> PreparedImage:
+    return PreparedImage({"pixel_values": torch.full((1, *shape), value)})
 
 
 async def _submit_all(batcher: DynamicBatcher, values: list[float]) -> list[float]:
@@ -183,8 +185,8 @@ def test_a_batch_waits_for_images_still_being_decoded() -> None:
     """Closed-loop clients: without the pending wait the first decoded image would run alone."""
     executor = ThreadPoolExecutor(max_workers=3)
 
-    def prepare(delay_s: float) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
+    def prepare(delay_s: float) -> Callable[[], PreparedImage]:
+        def run() -> PreparedImage:
             time.sleep(delay_s)
             return pixels(delay_s)
 

@@ -124,7 +124,7 @@ def test_poisoned_record_is_a_miss_and_is_deleted(redis_url: str, redis_keys: Re
     poisoned: list[int] = []
 
     async def scenario() -> torch.Tensor | None:
-        cache = redis_cache(redis_url, expected_dtype="float32", expected_shape=(2, 3),
+        cache = redis_cache(redis_url, expected_dtype="float32", expected_rows=2, expected_hidden_size=3,
                             on_poisoned=lambda: poisoned.append(1))
         try:
             return await cache.get(key)
@@ -145,7 +145,11 @@ def test_record_of_another_image_under_this_key_is_a_miss(redis_url: str, redis_
 
     async def scenario() -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         cache = redis_cache(
-            redis_url, expected_dtype="float32", expected_shape=(2, 3), on_poisoned=lambda: poisoned.append(1)
+            redis_url,
+            expected_dtype="float32",
+            expected_rows=2,
+            expected_hidden_size=3,
+            on_poisoned=lambda: poisoned.append(1),
         )
         try:
             await cache.put(key_a, value_a)

@@ -1,0 +1,31 @@
+"""Random-weight checkpoints in the Hugging Face layout, one builder per model family (no downloads here).
+
+    build_checkpoint(out_dir, family="llava", vision="clip", text="llama", size="tiny", seed=0, **options)
+
+Tests, the demo and the benchmarks use them: each loads offline with the HF auto classes and the family's own
+processor, like a hub checkpoint of that family. To add a family's builder: a module here with a `build(out_dir,
+*, vision, text, size, seed, **options) -> Path` function, and its entry in `BUILDERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common.demo_checkpoints import llava
+
+Builder = Callable[..., Path]
+
+# family name -> (builder, its default language model)
+BUILDERS: dict[str, tuple[Builder, str]] = {
+    "llava": (llava.build, "llama"),
+}
+
+
+def build_checkpoint(out_dir: str | Path, *, family: str = "llava", text: str | None = None, **options: Any) -> Path:
+    """Write a random-weight checkpoint of `family` to `out_dir` and return its path. Same arguments, same files."""
+    if family not in BUILDERS:
+        raise ValueError(f"family must be one of {tuple(BUILDERS)}, got {family!r}")
+    builder, default_text = BUILDERS[family]
+    return builder(out_dir, text=text or default_text, **options)
