@@ -140,8 +140,11 @@ def _load_into(
     device: str,
     report: LoadReport,
     optional: frozenset[str] = frozenset(),
+    float32_prefixes: tuple[str, ...] = (),
 ) -> None:
-    """Fill `module` with the checkpoint's tensors of `half`; every tensor but the `optional` ones must be there."""
+    """Fill `module` with the checkpoint's tensors of `half`; every tensor but the `optional` ones must be there.
+
+    Floating-point tensors are cast to `dtype`, except those under `float32_prefixes`, which stay float32."""
     expected = set(module.state_dict())
     loaded: dict[str, torch.Tensor] = {}
     for stored_name, load in _half_tensors(path, family, half):
@@ -152,7 +155,10 @@ def _load_into(
         tensor = load()
         report.tensors_read.append(name)
         report.bytes_read += tensor.numel() * tensor.element_size()
-        loaded[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        target = tensor.dtype
+        if tensor.is_floating_point():
+            target = torch.float32 if name.startswith(float32_prefixes) else dtype
+        loaded[name] = tensor.to(device=device, dtype=target)
     missing = expected - set(loaded) - optional
     if missing:
         raise CheckpointError(f"{path}: {half} weights missing from the checkpoint: {sorted(missing)[:5]}")
@@ -178,7 +184,9 @@ def load_vision_half(
     family = load_family(path)
     module = _build_empty(family.build_vision, device)
     report = LoadReport()
-    _load_into(module, "vision", path, family, torch_dtype(dtype), device, report)
+    _load_into(
+        module, "vision", path, family, torch_dtype(dtype), device, report, float32_prefixes=family.float32_modules
+    )
     return VisionHalf(family=family, module=module.eval(), report=report)
 
 

@@ -99,6 +99,9 @@ class ModelFamily(ABC):
     # Stored tensor key -> (half, name inside that half's module); the first matching rule wins. Keys matching
     # none are never read by either half.
     key_rules: ClassVar[tuple[KeyRule, ...]]
+    # Vision-half submodules Hugging Face keeps in float32 whatever the dtype (its `_keep_in_fp32_modules`,
+    # e.g. BLIP-2's QFormer): names inside the vision module, matched as prefixes.
+    float32_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PretrainedConfig) -> None:
         if not isinstance(config, self.config_class):
