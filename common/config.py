@@ -12,7 +12,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -20,6 +20,19 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 MiB = 1024 * 1024
+
+
+def default_of(config_class: type, name: str) -> Any:
+    """The default of one field of a config dataclass: flags and the offline API take defaults from here, so each
+    default is written once, on its dataclass."""
+    for item in fields(config_class):
+        if item.name == name:
+            if item.default is not MISSING:
+                return item.default
+            if item.default_factory is not MISSING:
+                return item.default_factory()
+            break
+    raise KeyError(f"{config_class.__name__}.{name} has no default")
 
 
 class ConfigError(ValueError):
@@ -134,9 +147,7 @@ class EngineConfig:
             self.num_kv_blocks is None or self.num_kv_blocks >= 1,
             f"--num-kv-blocks {self.num_kv_blocks}: use >= 1, or omit it to size the cache from memory",
         )
-        _check(
-            self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "--kv-cache-memory-gib must be > 0"
-        )
+        _check(self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "--kv-cache-memory-gib must be > 0")
         _check(0 < self.gpu_memory_utilization <= 1, "--gpu-memory-utilization must be in (0, 1]")
         _check(self.max_num_seqs >= 1, "--max-num-seqs must be >= 1")
         _check(self.max_num_batched_tokens >= 1, "--max-num-batched-tokens must be >= 1")
@@ -225,25 +236,60 @@ class _Flags:
 def _add_model_flags(flags: _Flags) -> None:
     flags.add("--model", required=True, help="LLaVA checkpoint: a local Hugging Face directory or a hub id")
     flags.add("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
-    flags.add("--device", default="cpu", help="cpu, cuda or cuda:N")
-    flags.add("--dtype", default="float32", choices=DTYPES, help="weights and activations dtype")
+    flags.add("--device", default=default_of(ModelConfig, "device"), help="cpu, cuda or cuda:N")
+    flags.add("--dtype", default=default_of(ModelConfig, "dtype"), choices=DTYPES, help="weights and activations dtype")
 
 
 def _add_server_flags(flags: _Flags, port: int) -> None:
-    flags.add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
+    flags.add("--host", default=default_of(ServerConfig, "host"), help="address to listen on (0.0.0.0 in containers)")
     flags.add("--port", type=int, default=port, help="gRPC port (0 = any free port)")
     flags.add("--metrics-port", type=optional_int, help="Prometheus /metrics HTTP port (unset = no metrics server)")
-    flags.add("--max-message-bytes", type=int, default=256 * MiB, help="largest gRPC message received or sent")
-    flags.add("--shutdown-grace-s", type=float, default=30.0, help="SIGTERM: seconds to let in-flight calls finish")
+    flags.add(
+        "--max-message-bytes",
+        type=int,
+        default=default_of(ServerConfig, "max_message_bytes"),
+        help="largest gRPC message received or sent",
+    )
+    flags.add(
+        "--shutdown-grace-s",
+        type=float,
+        default=default_of(ServerConfig, "shutdown_grace_s"),
+        help="SIGTERM: seconds to let in-flight calls finish",
+    )
 
 
 def _add_cache_flags(flags: _Flags) -> None:
     flags.add("--redis-url", help="Redis for the shared embedding cache (unset = in-process LRU only)")
-    flags.add("--redis-timeout-ms", type=float, default=50.0, help="time box for every Redis call")
-    flags.add("--cache-ttl-s", type=int, default=0, help="expiry of cached embeddings in Redis (0 = none)")
-    flags.add("--local-cache-bytes", type=int, default=512 * MiB, help="in-process embedding cache capacity")
-    flags.add("--redis-breaker-failures", type=int, default=5, help="consecutive Redis errors that open the breaker")
-    flags.add("--redis-breaker-cooldown-s", type=float, default=10.0, help="seconds Redis is skipped once open")
+    flags.add(
+        "--redis-timeout-ms",
+        type=float,
+        default=default_of(CacheConfig, "redis_timeout_ms"),
+        help="time box for every Redis call",
+    )
+    flags.add(
+        "--cache-ttl-s",
+        type=int,
+        default=default_of(CacheConfig, "ttl_s"),
+        help="expiry of cached embeddings in Redis (0 = none)",
+    )
+    flags.add(
+        "--local-cache-bytes",
+        type=int,
+        default=default_of(CacheConfig, "local_cache_bytes"),
+        help="in-process embedding cache capacity",
+    )
+    flags.add(
+        "--redis-breaker-failures",
+        type=int,
+        default=default_of(CacheConfig, "breaker_failures"),
+        help="consecutive Redis errors that open the breaker",
+    )
+    flags.add(
+        "--redis-breaker-cooldown-s",
+        type=float,
+        default=default_of(CacheConfig, "breaker_cooldown_s"),
+        help="seconds Redis is skipped once open",
+    )
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:
@@ -280,15 +326,40 @@ def encoder_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.Arg
     _add_model_flags(flags)
     _add_server_flags(flags, port=50051)
     _add_cache_flags(flags)
-    flags.add("--max-batch-size", type=int, default=16, help="images per vision-tower forward pass")
-    flags.add("--max-batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
-    flags.add("--max-images-per-request", type=int, default=16, help="images accepted in one Encode call")
-    flags.add("--max-image-bytes", type=int, default=20 * MiB, help="largest accepted image file")
-    flags.add("--max-image-pixels", type=int, default=40_000_000, help="largest accepted width*height")
+    flags.add(
+        "--max-batch-size",
+        type=int,
+        default=default_of(EncoderConfig, "max_batch_size"),
+        help="images per vision-tower forward pass",
+    )
+    flags.add(
+        "--max-batch-wait-ms",
+        type=float,
+        default=default_of(EncoderConfig, "max_batch_wait_ms"),
+        help="how long a batch waits to fill up",
+    )
+    flags.add(
+        "--max-images-per-request",
+        type=int,
+        default=default_of(EncoderConfig, "max_images_per_request"),
+        help="images accepted in one Encode call",
+    )
+    flags.add(
+        "--max-image-bytes",
+        type=int,
+        default=default_of(EncoderConfig, "max_image_bytes"),
+        help="largest accepted image file",
+    )
+    flags.add(
+        "--max-image-pixels",
+        type=int,
+        default=default_of(EncoderConfig, "max_image_pixels"),
+        help="largest accepted width*height",
+    )
     flags.add(
         "--max-pending-images",
         type=int,
-        default=256,
+        default=default_of(EncoderConfig, "max_pending_images"),
         help="images of Encode calls in flight (cache hits included) before further calls are refused with "
         "RESOURCE_EXHAUSTED; a call arriving while none is in flight is always admitted",
     )
@@ -325,20 +396,47 @@ def generator_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.A
         "--encoder-address",
         help="encoder service: host:port, a comma-separated list, or dns:///host:port (unset = encode in-process)",
     )
-    flags.add("--encoder-timeout-s", type=float, default=30.0, help="upper bound of one Encode call")
+    flags.add(
+        "--encoder-timeout-s",
+        type=float,
+        default=default_of(GeneratorConfig, "encoder_timeout_s"),
+        help="upper bound of one Encode call",
+    )
     _add_cache_flags(flags)
-    flags.add("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    flags.add(
+        "--block-size", type=int, default=default_of(EngineConfig, "block_size"), help="tokens per KV-cache block"
+    )
     flags.add("--num-kv-blocks", type=optional_int, help="KV-cache blocks (unset = from --kv-cache-memory-gib)")
     flags.add(
         "--kv-cache-memory-gib",
         type=float,
         help="KV-cache size when --num-kv-blocks is unset (unset = 1 GiB on CPU; on CUDA what is free after warm-up)",
     )
-    flags.add("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of device memory to use")
-    flags.add("--max-num-seqs", type=int, default=64, help="requests decoded together (running batch)")
-    flags.add("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    flags.add(
+        "--gpu-memory-utilization",
+        type=float,
+        default=default_of(EngineConfig, "gpu_memory_utilization"),
+        help="CUDA: share of device memory to use",
+    )
+    flags.add(
+        "--max-num-seqs",
+        type=int,
+        default=default_of(EngineConfig, "max_num_seqs"),
+        help="requests decoded together (running batch)",
+    )
+    flags.add(
+        "--max-num-batched-tokens",
+        type=int,
+        default=default_of(EngineConfig, "max_num_batched_tokens"),
+        help="token budget of one engine step",
+    )
     flags.add("--max-model-len", type=optional_int, help="prompt + output limit (unset = the model's maximum)")
-    flags.add("--max-queue-len", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED")
+    flags.add(
+        "--max-queue-len",
+        type=int,
+        default=default_of(GeneratorConfig, "max_queue_len"),
+        help="waiting requests before RESOURCE_EXHAUSTED",
+    )
     flags.switch("--no-prefix-caching", help="disable KV prefix caching")
     return parser
 

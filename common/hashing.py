@@ -5,7 +5,8 @@ never Python's `hash()`: the same image must map to the same key in every proces
 crafted input must not collide with another (vLLM's CVEs came from `hash()` and from hashing pixels
 without their shape).
 
-    image key   = SHA256("mmserve-image-v1" | fingerprint | raw image bytes)
+    image key   = SHA256("mmserve-image-v1" | fingerprint | raw image bytes [| "condition" | condition])
+    PIL image   = raw image bytes are b"pil-rgb:<W>x<H>:" + the RGB pixels (offline API images have no file)
     block hash  = SHA256("mmserve-block-v1" | parent hash | token ids (int64 LE) | (image key, offset)*)
 
 The image key is the Redis key suffix, the generator's embedding-cache key and the `extra` of the prefix
@@ -27,6 +28,7 @@ IMAGE_KEY_PREFIX = "mmserve:emb:"
 _IMAGE_DOMAIN = b"mmserve-image-v1"
 _BLOCK_DOMAIN = b"mmserve-block-v1"
 _FINGERPRINT_DOMAIN = b"mmserve-encoder-fingerprint-v1"
+_CONDITION_TAG = b"condition"
 
 
 def _length_prefixed(data: bytes) -> bytes:
@@ -42,13 +44,26 @@ def fingerprint_digest(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(_FINGERPRINT_DOMAIN + _length_prefixed(canonical.encode())).hexdigest()
 
 
-def image_key(fingerprint: str, image_bytes: bytes) -> str:
-    """The content key of one image under one encoder: hex SHA-256, computed without decoding the image."""
+def image_key(fingerprint: str, image_bytes: bytes, condition: str | None = None) -> str:
+    """The content key of one image under one encoder: hex SHA-256, computed without decoding the image.
+
+    `condition` is what else the embedding depends on (InstructBLIP's instruction; see
+    `ModelFamily.embedding_condition`): the same image under two conditions has two keys. None adds nothing, so
+    keys of families without a condition are unchanged.
+    """
     digest = hashlib.sha256(_IMAGE_DOMAIN)
     digest.update(_length_prefixed(fingerprint.encode()))
     digest.update(struct.pack("<Q", len(image_bytes)))
     digest.update(image_bytes)
+    if condition is not None:
+        digest.update(_CONDITION_TAG + _length_prefixed(condition.encode()))
     return digest.hexdigest()
+
+
+def pil_image_bytes(mode_rgb_size: tuple[int, int], rgb_pixels: bytes) -> bytes:
+    """What a decoded RGB image is keyed by: its exact pixels with their size (never pixels alone)."""
+    width, height = mode_rgb_size
+    return b"pil-rgb:%dx%d:" % (width, height) + rgb_pixels
 
 
 def redis_key(key: str) -> str:

@@ -1,5 +1,6 @@
-"""Server plumbing both services share: the /metrics endpoint, health status, the serve loop and the CLI entry.
+"""Server plumbing both services share: errors -> status codes, /metrics, health, the serve loop, the CLI entry.
 
+    rpc_error(exc)                  a domain error -> RpcError(code, client-safe message): THE table (below)
     cli_main(parse_config, serve)   flags -> config (bad ones: `error: ...`, exit 2) -> asyncio.run(serve(config))
     run_until_signal(server, ...)   listen(); load() until SIGTERM/SIGINT (a failed load raises); then stop()
 
@@ -21,10 +22,46 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
-from common.checkpoint import CheckpointError
 from common.config import ConfigError
+from common.errors import CheckpointError, InvalidPrompt
+from common.images.errors import (
+    EmbeddingNotFoundError,
+    EncoderOverloadedError,
+    ImageDeadlineError,
+    ImageError,
+    ImageUnavailableError,
+    InvalidImageError,
+)
 
 _C = TypeVar("_C")
+
+DomainError = ImageError | InvalidPrompt
+# Domain error -> gRPC status code, for both services; the first matching class wins. Other exceptions are bugs:
+# the servicers log them and answer INTERNAL.
+STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidPrompt, grpc.StatusCode.INVALID_ARGUMENT),
+    (EmbeddingNotFoundError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EncoderOverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ImageDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ImageUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (ImageError, grpc.StatusCode.UNAVAILABLE),  # any other image failure: retrying later or elsewhere may work
+)
+
+
+class RpcError(Exception):
+    """A call that ends with `code`; `message` is sent to the client verbatim."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def rpc_error(error: DomainError) -> RpcError:
+    """The status a client gets for a domain error; its message is client-safe and goes out as it is."""
+    code = next(code for error_type, code in STATUS_CODES if isinstance(error, error_type))
+    return RpcError(code, str(error))
 
 
 class MetricsHttpServer:

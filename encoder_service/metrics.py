@@ -60,6 +60,11 @@ class EncoderMetrics:
         self.encode_seconds.observe(seconds)
         self.images_encoded.inc(size)
 
+    def record_lookup(self, source: str) -> None:
+        """An image found: a cache hit unless the encoder made it (misses are counted when the cache misses)."""
+        if source != "encoder":
+            self.cache_hits.inc()
+
     def record_cache_error(self, op: str) -> None:
         self.cache_errors.labels(op=op).inc()
 

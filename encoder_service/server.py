@@ -20,16 +20,16 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from PIL import Image
 
-from common.config import ConfigError, EncoderConfig
+from common.config import CacheConfig, ConfigError, EncoderConfig
+from common.images.cache import EmbeddingCache, LocalEmbeddingCache, RedisEmbeddingCache
+from common.images.intake import ImageLimits
+from common.images.local_encoder import LocalEncoder
+from common.images.provider import CacheLayer, EmbeddingProvider
+from common.images.vision_encoder import VisionEncoder
 from common.serving import MetricsHttpServer, bind_and_start, run_until_signal, set_health, start_metrics_http
-from encoder_service.core import EncoderCore, make_cache
-from encoder_service.embedding_cache import EmbeddingCache
-from encoder_service.image_io import ImageLimits
 from encoder_service.metrics import EncoderMetrics
-from encoder_service.servicer import EncoderServicer
-from encoder_service.vision_encoder import VisionEncoder
+from encoder_service.servicer import EncoderBackend, EncoderServicer
 from protos import encoder_pb2, encoder_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,23 @@ def image_limits(config: EncoderConfig) -> ImageLimits:
         return ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
     except ValueError as exc:
         raise ConfigError(f"--max-image-bytes / --max-image-pixels: {exc}") from None
+
+
+def make_cache(config: CacheConfig, encoder: VisionEncoder, metrics: EncoderMetrics) -> CacheLayer:
+    """Redis when `config.redis_url` is set, else the in-process LRU; errors and poison feed `metrics`."""
+    if config.redis_url is None:
+        return CacheLayer("local", LocalEmbeddingCache(config.local_cache_bytes))
+    cache = RedisEmbeddingCache.from_config(
+        config,
+        encoder.fingerprint,
+        expected_dtype=encoder.dtype,
+        expected_rows=encoder.tokens_per_image,
+        expected_hidden_size=encoder.hidden_size,
+        on_error=metrics.record_cache_error,
+        on_poisoned=metrics.cache_poisoned.inc,
+    )
+    metrics.watch_breaker(lambda: cache.breaker.is_open)
+    return CacheLayer("redis", cache, shared=True)
 
 
 class EncoderServer:
@@ -64,7 +81,8 @@ class EncoderServer:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
-        self.core: EncoderCore | None = None
+        self.local_encoder: LocalEncoder | None = None
+        self.provider: EmbeddingProvider | None = None
         self.port = 0
 
     @property
@@ -104,23 +122,30 @@ class EncoderServer:
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
         encoder = await loop.run_in_executor(None, self._encoder_factory)
-        cache = self._cache if self._cache is not None else make_cache(self.config.cache, encoder, self.metrics)
-        core = EncoderCore(
+        cache = CacheLayer("cache", self._cache) if self._cache is not None else None
+        cache = cache or make_cache(self.config.cache, encoder, self.metrics)
+        local_encoder = LocalEncoder(
             encoder,
-            cache,
             limits=self.limits,
             max_batch_size=self.config.max_batch_size,
             max_batch_wait_s=self.config.max_batch_wait_ms / 1000,
-            metrics=self.metrics,
+            on_batch=self.metrics.record_batch,
         )
-        core.start()
-        # Warm-up through the batcher thread (kernels, allocator, thread pools), not through the cache.
-        blank = await loop.run_in_executor(None, encoder.prepare, Image.new("RGB", (64, 64), (127, 127, 127)))
-        await core.batcher.submit(blank)
-        self.core = core
-        self._servicer.attach(core)
+        local_encoder.start()
+        self.local_encoder = local_encoder
+        await local_encoder.warm_up()  # through the batcher thread (kernels, allocator, thread pools), not the cache
+        self.provider = EmbeddingProvider(
+            local_encoder,
+            [cache],
+            hidden_size=encoder.hidden_size,
+            tokens_per_image=encoder.tokens_per_image,
+            on_lookup=self.metrics.record_lookup,
+            on_coalesced=self.metrics.cache_coalesced.inc,
+            on_cache_miss=self.metrics.cache_misses.inc,
+        )
+        self._servicer.attach(EncoderBackend(self.provider, encoder))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("encoder ready: %s; cache %s", encoder.describe(), type(cache).__name__)
+        logger.info("encoder ready: %s; cache %s", encoder.describe(), type(cache.cache).__name__)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; `grace` defaults to --shutdown-grace-s. Idempotent."""
@@ -130,9 +155,12 @@ class EncoderServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        if self.core is not None:
-            await self.core.close()
-            self.core = None
+        if self.local_encoder is not None:
+            await self.local_encoder.close()  # the batch in progress finishes
+            self.local_encoder = None
+        if self.provider is not None:
+            await self.provider.close()
+            self.provider = None
         if self._metrics_http is not None:
             self._metrics_http.close()
             self._metrics_http = None

@@ -8,35 +8,37 @@
     )
     print(outputs[0].text, outputs[0].token_ids)
 
-Images may be PIL images, encoded file bytes or file paths. Their embeddings are computed in-process by the
-encoder service's `VisionEncoder` and kept in an LRU keyed like the services' cache (file bytes hash to the
-same key as over gRPC), so a repeated image is encoded once and hits the KV prefix cache.
+Images may be PIL images, encoded file bytes or file paths. They take the services' own image path
+(`common.images.provider.EmbeddingProvider`: an LRU in front of an in-process `LocalEncoder`), run on a private
+event-loop thread, so file bytes hash to the same key as over gRPC, a repeated image is encoded once and hits the
+KV prefix cache, and the images of all prompts of one call share forward passes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-import torch
 from PIL import Image
 
-from common.config import EngineConfig, ModelConfig
-from common.hashing import image_key
+from common.config import EngineConfig, MiB, ModelConfig, default_of
+from common.images.cache import LocalEmbeddingCache
+from common.images.local_encoder import LocalEncoder
+from common.images.provider import CacheLayer, EmbeddingProvider, ImageSource, ResolvedImage
+from common.images.vision_encoder import VisionEncoder
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine, Usage
 from generator_service.engine.sampler import TokenLogprobs
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.inputs import InputProcessor
 
-if TYPE_CHECKING:
-    from encoder_service.vision_encoder import VisionEncoder
-
 ImageLike = Image.Image | bytes | str | Path
 PromptLike = str | Mapping[str, Any]
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,15 @@ class LLM:
         device: str = "cpu",
         dtype: str = "float32",
         revision: str | None = None,
-        block_size: int = 16,
+        block_size: int = default_of(EngineConfig, "block_size"),
         num_kv_blocks: int | None = None,
         kv_cache_memory_gib: float | None = None,
-        gpu_memory_utilization: float = 0.9,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        gpu_memory_utilization: float = default_of(EngineConfig, "gpu_memory_utilization"),
+        max_num_seqs: int = default_of(EngineConfig, "max_num_seqs"),
+        max_num_batched_tokens: int = default_of(EngineConfig, "max_num_batched_tokens"),
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
-        max_cached_images: int = 256,
-        encode_batch_size: int = 16,
+        image_cache_bytes: int = 512 * MiB,
     ) -> None:
         self.model_config = ModelConfig(model=model, device=device, dtype=dtype, revision=revision)
         self.config = EngineConfig(
@@ -84,20 +85,31 @@ class LLM:
         )
         self.engine = LLMEngine.from_config(self.config)
         self.inputs = InputProcessor(self.engine.processor, self.engine.family)
-        self._encoder: VisionEncoder | None = None
-        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._max_cached_images = max_cached_images
-        self._encode_batch_size = encode_batch_size
+        self._image_cache_bytes = image_cache_bytes
+        self._images: _ImagePath | None = None
         self._ids = itertools.count()
 
     @property
     def encoder(self) -> VisionEncoder:
         """The in-process vision encoder, loaded on first use (text-only workloads never load it)."""
-        if self._encoder is None:
-            from encoder_service.vision_encoder import VisionEncoder
+        return self._image_path().encoder.encoder
 
-            self._encoder = VisionEncoder(self.model_config)
-        return self._encoder
+    def close(self) -> None:
+        """Stop the image path's thread and release its caches (the engine needs no closing)."""
+        if self._images is not None:
+            self._images.close()
+            self._images = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _image_path(self) -> _ImagePath:
+        if self._images is None:
+            self._images = _ImagePath(VisionEncoder(self.model_config), self._image_cache_bytes)
+        return self._images
 
     def generate(
         self,
@@ -138,26 +150,30 @@ class LLM:
         return list(sampling_params)
 
     def _engine_requests(self, prompts: list[PromptLike], params: list[SamplingParams]) -> list[EngineRequest]:
-        """Validate every prompt first, then encode all uncached images in batches, then tokenize."""
+        """Validate every prompt first, then resolve the images of all prompts together, then tokenize."""
         parsed = [self._parse(prompt) for prompt in prompts]
-        keyed = {id(image): self._key_and_image(image) for _, images in parsed for image in images}
-        embeddings = self._embeddings_for(list(keyed.values()))
+        sources = [
+            _image_source(image, self.inputs.embedding_condition(text))
+            for text, images in parsed
+            if isinstance(text, str)
+            for image in images
+        ]
+        resolved = iter(self._image_path().resolve(sources) if sources else [])
         requests = []
         for (text, images), sampling in zip(parsed, params, strict=True):
             request_id = f"llm-{next(self._ids)}"
             if isinstance(text, list):
                 requests.append(EngineRequest(request_id, text, sampling))
                 continue
-            keys = [keyed[id(image)][0] for image in images]
-            rows = [embeddings[key].shape[0] for key in keys]
-            tokenized = self.inputs.tokenize(text, keys, rows)
+            found = [next(resolved) for _ in images]
+            tokenized = self.inputs.tokenize(text, [i.key for i in found], [i.embedding.shape[0] for i in found])
             requests.append(
                 EngineRequest(
                     request_id=request_id,
                     prompt_token_ids=tokenized.token_ids,
                     sampling=sampling,
                     image_spans=tokenized.image_spans,
-                    image_embeddings=tuple(embeddings[key] for key in keys),
+                    image_embeddings=tuple(image.embedding for image in found),
                 )
             )
         return requests
@@ -174,39 +190,6 @@ class LLM:
         text = str(prompt["prompt"])
         self.inputs.check_placeholders(text, len(images))  # before encoding: a mismatch wastes no forward pass
         return text, images
-
-    def _embeddings_for(self, keyed: list[tuple[str, Callable[[], Image.Image]]]) -> dict[str, torch.Tensor]:
-        """Embeddings of every key: cached ones from the LRU, the rest encoded in batches (each image once)."""
-        found: dict[str, torch.Tensor] = {}
-        missing: dict[str, Callable[[], Image.Image]] = {}
-        for key, decode in keyed:
-            cached = self._embeddings.get(key)
-            if cached is not None:
-                self._embeddings.move_to_end(key)
-                found[key] = cached
-            elif key not in found:
-                missing[key] = decode
-        pending = list(missing.items())
-        for start in range(0, len(pending), self._encode_batch_size):
-            batch = pending[start : start + self._encode_batch_size]
-            for (key, _), embedding in zip(batch, self.encoder.encode([decode() for _, decode in batch]), strict=True):
-                found[key] = self._embeddings[key] = embedding
-        while len(self._embeddings) > self._max_cached_images:
-            self._embeddings.popitem(last=False)
-        return found
-
-    def _key_and_image(self, image: ImageLike) -> tuple[str, Callable[[], Image.Image]]:
-        """The image's cache key (without decoding file bytes) and a thunk that decodes it."""
-        fingerprint = self.encoder.fingerprint
-        if isinstance(image, Image.Image):
-            rgb = image.convert("RGB")
-            # PIL images have no file bytes: key the exact pixels with their size (never pixels alone).
-            raw = b"pil-rgb:%dx%d:" % rgb.size + rgb.tobytes()
-            return image_key(fingerprint, raw), lambda: rgb
-        data = Path(image).read_bytes() if isinstance(image, str | Path) else bytes(image)
-        from encoder_service.image_io import decode_image
-
-        return image_key(fingerprint, data), lambda: decode_image(data)
 
     def _run(self, requests: list[EngineRequest]) -> list[CompletionOutput]:
         for request in requests:
@@ -233,3 +216,46 @@ class LLM:
                         logprobs=logprobs[output.request_id],
                     )
         return [done[r.request_id] for r in requests]
+
+
+def _image_source(image: ImageLike, condition: str | None) -> ImageSource:
+    """A PIL image is keyed by its pixels; a path or bytes by the file's bytes, exactly as over gRPC."""
+    if isinstance(image, Image.Image):
+        return ImageSource(image=image.convert("RGB"), condition=condition)
+    data = Path(image).read_bytes() if isinstance(image, str | Path) else bytes(image)
+    return ImageSource(data=data, condition=condition)
+
+
+class _ImagePath:
+    """The services' image path for the synchronous `LLM`: a provider and its encoder on a private event loop
+    thread (so `LLM.generate` also works where an event loop is already running, e.g. in a notebook)."""
+
+    def __init__(self, vision: VisionEncoder, cache_bytes: int) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mmserve-llm-images", daemon=True)
+        self._thread.start()
+        self.encoder = LocalEncoder(vision)
+        self._run(self._start())
+        self.provider = EmbeddingProvider(
+            self.encoder,
+            [CacheLayer("local", LocalEmbeddingCache(cache_bytes))],
+            hidden_size=vision.hidden_size,
+            tokens_per_image=vision.tokens_per_image,
+        )
+
+    async def _start(self) -> None:
+        self.encoder.start()
+
+    def resolve(self, sources: list[ImageSource]) -> list[ResolvedImage]:
+        """Keys and embeddings, in order; raises the first bad image's ImageError (a ValueError for bad bytes)."""
+        return self._run(self.provider.resolve(sources))
+
+    def close(self) -> None:
+        self._run(self.provider.close())
+        self._run(self.encoder.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def _run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()

@@ -4,7 +4,8 @@ Start-up order, so that load balancers and probes always get an honest answer:
 
     listen()  bind the gRPC port and the metrics port; health NOT_SERVING; Generate answers UNAVAILABLE
     load()    load the language model (and, without --encoder-address, the vision encoder) in a worker
-              thread, start the engine thread, run one tiny generation, check the encoder's fingerprint
+              thread, start the engine thread, run one tiny generation, build the image path (local LRU ->
+              Redis -> the encoder service or the in-process encoder), check the encoder's fingerprint
               -> health SERVING
     stop()    health NOT_SERVING and new calls UNAVAILABLE; in-flight streams get `grace` seconds to finish;
               whatever is still running then ends with UNAVAILABLE; engine, caches and metrics endpoint closed
@@ -21,25 +22,26 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.checkpoint import encoder_fingerprint, resolve_checkpoint
 from common.config import GeneratorConfig
+from common.images.cache import LocalEmbeddingCache, RedisEmbeddingCache
+from common.images.local_encoder import LocalEncoder
+from common.images.provider import CacheLayer, EmbeddingProvider, ImageEncoder
+from common.images.vision_encoder import VisionEncoder
 from common.serving import MetricsHttpServer, bind_and_start, run_until_signal, set_health, start_metrics_http
+from generator_service.encoder_client import RemoteEncoder
 from generator_service.engine.async_engine import AsyncEngine
 from generator_service.engine.llm_engine import EngineRequest, EngineStats, LLMEngine
 from generator_service.engine.sampling_params import SamplingParams
-from generator_service.image_resolver import ImageResolver
 from generator_service.inputs import InputProcessor
 from generator_service.metrics import GeneratorMetrics
 from generator_service.servicer import GeneratorBackend, GeneratorServicer
 from protos import encoder_pb2, generator_pb2, generator_pb2_grpc
-
-if TYPE_CHECKING:
-    from encoder_service.core import EncoderCore
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME: str = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name  # mmserve.generator.v1.Generator
@@ -71,8 +73,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
 @dataclass(frozen=True)
 class _Loaded:
     engine: LLMEngine
-    core: EncoderCore | None  # when images are encoded in this process
-    image_size: int
+    vision: VisionEncoder | None  # when images are encoded in this process (no --encoder-address)
 
 
 class GeneratorServer:
@@ -90,7 +91,8 @@ class GeneratorServer:
         self._metrics_http: MetricsHttpServer | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.engine: AsyncEngine | None = None
-        self.resolver: ImageResolver | None = None
+        self.images: EmbeddingProvider | None = None
+        self._encoder: LocalEncoder | RemoteEncoder | None = None
         self.port = 0
         self._stopped = False
 
@@ -129,41 +131,38 @@ class GeneratorServer:
         engine = AsyncEngine(loaded.engine)
         engine.start()
         self.engine = engine
-        inputs = InputProcessor(loaded.engine.processor, loaded.engine.family)
-        hidden_size = int(loaded.engine.runner.model.config.hidden_size)
-        core = loaded.core
-        if core is not None:
-            core.start()
-        self.resolver = ImageResolver.from_config(
-            self.config,
-            hidden_size=hidden_size,
-            tokens_per_image=inputs.tokens_per_image,
-            metrics=self.metrics,
-            core=core,
-        )
+        family = loaded.engine.family
+        inputs = InputProcessor(loaded.engine.processor, family)
+        encoder = self._image_encoder(loaded.vision)
+        self._encoder = encoder
+        self.images = self._image_provider(encoder, family.hidden_size, inputs.tokens_per_image)
         await self._warm_up(engine, inputs)
-        await self.resolver.verify_encoder()
-        resolver, model = self.resolver, self.config.engine.model
+        if isinstance(encoder, RemoteEncoder):
+            await encoder.verify()
+        model = self.config.engine.model
 
         def model_info() -> encoder_pb2.ModelInfo:
             return encoder_pb2.ModelInfo(
                 model_id=model.model,
-                fingerprint=resolver.fingerprint,
+                fingerprint=encoder.fingerprint,
                 dtype=model.dtype,
                 device=model.device,
                 image_placeholder=inputs.image_token,
-                hidden_size=hidden_size,
+                hidden_size=family.hidden_size,
                 max_context=loaded.engine.max_model_len,
                 image_token_id=inputs.image_token_id,
-                image_size=loaded.image_size,
+                image_size=family.image_size,
                 version=VERSION,
+                family=family.name,
+                tokens_per_image=inputs.tokens_per_image or 0,
+                image_embeddings_depend_on_instruction=family.embedding_condition("") is not None,
             )
 
         self._servicer.attach(
             GeneratorBackend(
                 engine=engine,
                 inputs=inputs,
-                resolver=self.resolver,
+                images=self.images,
                 max_model_len=loaded.engine.max_model_len,
                 model_info=model_info,
             )
@@ -177,18 +176,53 @@ class GeneratorServer:
 
     def _load_models(self) -> _Loaded:
         engine = LLMEngine.from_config(self.config.engine)
-        model = self.config.engine.model
-        image_size = engine.family.image_size
-        core = None
-        if self.config.encoder_address is None:  # single-process deployment: encode images here
-            from encoder_service.core import EncoderCore
-            from encoder_service.embedding_cache import LocalEmbeddingCache
-            from encoder_service.image_io import ImageLimits
-            from encoder_service.vision_encoder import VisionEncoder
+        # Single-process deployment (no --encoder-address): images are encoded here.
+        vision = VisionEncoder(self.config.engine.model) if self.config.encoder_address is None else None
+        return _Loaded(engine=engine, vision=vision)
 
-            # The resolver owns the caches; the core only decodes, batches and encodes (its own cache is empty).
-            core = EncoderCore(VisionEncoder(model), LocalEmbeddingCache(0), limits=ImageLimits())
-        return _Loaded(engine=engine, core=core, image_size=image_size)
+    def _image_encoder(self, vision: VisionEncoder | None) -> LocalEncoder | RemoteEncoder:
+        """The in-process encoder when `vision` is loaded, else the encoder service at --encoder-address."""
+        if vision is not None:
+            local = LocalEncoder(vision)
+            local.start()
+            return local
+        address, model = self.config.encoder_address, self.config.engine.model
+        if address is None:
+            raise ValueError("no encoder: set --encoder-address or load the vision encoder in-process")
+        path = str(resolve_checkpoint(model.model, model.revision))
+        return RemoteEncoder(
+            address,
+            fingerprint=encoder_fingerprint(path, dtype=model.dtype),
+            model_path=path,
+            dtype=model.dtype,
+            max_message_bytes=self.config.server.max_message_bytes,
+            timeout_s=self.config.encoder_timeout_s,
+            on_error=lambda status: self.metrics.encoder_errors.labels(status=status).inc(),
+        )
+
+    def _image_provider(
+        self, encoder: ImageEncoder, hidden_size: int, tokens_per_image: int | None
+    ) -> EmbeddingProvider:
+        """local LRU -> Redis (--redis-url) -> `encoder`. A remote encoder fills Redis itself; an in-process one
+        is this replica's own encoder, so what it encodes is shared through Redis from here."""
+        cache_config, metrics = self.config.cache, self.metrics
+        layers = [CacheLayer("local", LocalEmbeddingCache(cache_config.local_cache_bytes))]
+        if cache_config.redis_url is not None:
+            redis = RedisEmbeddingCache.from_config(
+                cache_config,
+                encoder.fingerprint,
+                expected_rows=tokens_per_image,
+                expected_hidden_size=hidden_size,
+                on_error=lambda op: metrics.redis_errors.labels(op=op).inc(),
+            )
+            layers.append(CacheLayer("redis", redis, fill=isinstance(encoder, LocalEncoder), shared=True))
+        return EmbeddingProvider(
+            encoder,
+            layers,
+            hidden_size=hidden_size,
+            tokens_per_image=tokens_per_image,
+            on_lookup=lambda source: metrics.image_lookups.labels(source=source).inc(),
+        )
 
     async def _warm_up(self, engine: AsyncEngine, inputs: InputProcessor) -> None:
         started = time.perf_counter()
@@ -230,8 +264,10 @@ class GeneratorServer:
         if self._server is not None:
             await self._server.stop(_FINAL_STATUS_GRACE_S)
             self._server = None
-        if self.resolver is not None:
-            await self.resolver.close()
+        if self.images is not None:
+            await self.images.close()
+        if self._encoder is not None:
+            await self._encoder.close()
         if self._metrics_http is not None:
             self._metrics_http.close()
             self._metrics_http = None

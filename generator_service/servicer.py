@@ -3,14 +3,15 @@
     Generate ─▶ draining? admission (in-flight cap)? duplicate id?        UNAVAILABLE / RESOURCE_EXHAUSTED /
              ─▶ SamplingParams, prompt or chat messages, placeholders     ALREADY_EXISTS / INVALID_ARGUMENT
              ─▶ length check (before any image work)                      INVALID_ARGUMENT
-             ─▶ ImageResolver (local -> Redis -> Encode)                  FAILED_PRECONDITION / UNAVAILABLE / ...
+             ─▶ EmbeddingProvider (local -> Redis -> Encode)              FAILED_PRECONDITION / UNAVAILABLE / ...
              ─▶ tokenize ─▶ AsyncEngine.generate ─▶ one GenerateResponse per engine output
 
 Admission is counted here, before any image is hashed or encoded: a call is admitted while fewer than
 `max_num_seqs + max_queue_len` calls are in flight. Leaving the stream for any reason (client cancel, deadline,
 server stop) closes the engine stream, which aborts the request and frees its KV blocks at the next step.
-Messages to clients never carry a stack trace or a memory address; unexpected errors are logged with the
-request id and answered INTERNAL.
+Domain errors (bad images, missing keys, a dependency down, bad prompts) become status codes through
+`common.serving.rpc_error`, the table both services share. Messages to clients never carry a stack trace or a
+memory address; unexpected errors are logged with the request id and answered INTERNAL.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from typing import Any, cast
 
 import grpc
 
-from generator_service.encoder_client import ImageResolveError
+from common.errors import InvalidPrompt
+from common.images.errors import ImageError
+from common.images.provider import EmbeddingProvider, ImageSource
+from common.serving import RpcError, rpc_error
 from generator_service.engine.async_engine import AsyncEngine, DuplicateRequestError, EngineDeadError
 from generator_service.engine.llm_engine import EngineRequest, RequestOutput
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.engine.scheduler import RequestRejected
-from generator_service.image_resolver import ImageResolver
-from generator_service.inputs import InputProcessor, InvalidPrompt
+from generator_service.inputs import InputProcessor
 from generator_service.metrics import GeneratorMetrics
 from protos import encoder_pb2, generator_pb2, generator_pb2_grpc
 
@@ -52,21 +55,20 @@ _OPTIONAL_SAMPLING_FIELDS = (
 _PLACEHOLDER_KEY = "0" * 64  # stands in for image keys in the pre-encode length check
 
 
-class RpcError(Exception):
-    """A call that ends with `code`; `message` is sent to the client verbatim."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 def sampling_from_proto(message: generator_pb2.SamplingParams) -> SamplingParams:
     """Proto -> SamplingParams: unset optional fields take the dataclass defaults. Raises ValueError."""
     kwargs: dict[str, Any] = {
         name: getattr(message, name) for name in _OPTIONAL_SAMPLING_FIELDS if message.HasField(name)
     }
     return SamplingParams(stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids), **kwargs)
+
+
+def image_source(image: encoder_pb2.ImageInput, condition: str | None) -> ImageSource:
+    """An ImageInput of a request -> the image path's ImageSource (neither data nor key: refused there)."""
+    source = image.WhichOneof("source")
+    if source == "embedding_key":
+        return ImageSource(embedding_key=image.embedding_key)
+    return ImageSource(data=image.data if source == "data" else None, condition=condition)
 
 
 def chat_from_proto(
@@ -159,7 +161,7 @@ class GeneratorBackend:
 
     engine: AsyncEngine
     inputs: InputProcessor
-    resolver: ImageResolver
+    images: EmbeddingProvider
     max_model_len: int
     model_info: Callable[[], encoder_pb2.ModelInfo]
 
@@ -286,14 +288,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             backend.inputs.check_placeholders(prompt, len(images))
             if images:
                 self._check_length(backend, prompt, len(images), sampling)  # before spending encoder time
-            resolved = await backend.resolver.resolve(images, context.time_remaining())
+            condition = backend.inputs.embedding_condition(prompt)
+            sources = [image_source(image, condition) for image in images]
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            resolved = await backend.images.resolve(sources, deadline)
             tokenized = backend.inputs.tokenize(
                 prompt, [image.key for image in resolved], [image.embedding.shape[0] for image in resolved]
             )
-        except InvalidPrompt as exc:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        except ImageResolveError as exc:
-            raise RpcError(exc.code, exc.message) from None
+        except (InvalidPrompt, ImageError) as exc:
+            raise rpc_error(exc) from None
         engine_request = EngineRequest(
             request_id=call.request_id,
             prompt_token_ids=tokenized.token_ids,
@@ -320,7 +324,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             try:
                 return inputs.render_chat(conversation), images
             except InvalidPrompt as exc:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                raise rpc_error(exc) from None
         if not request.prompt:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "the request has neither a prompt nor messages")
         return request.prompt, list(request.images)

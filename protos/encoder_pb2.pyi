@@ -25,12 +25,14 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., embedding_key: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("images", "return_embeddings")
+    __slots__ = ("images", "return_embeddings", "instruction")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     RETURN_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     return_embeddings: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., return_embeddings: _Optional[bool] = ...) -> None: ...
+    instruction: str
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., return_embeddings: _Optional[bool] = ..., instruction: _Optional[str] = ...) -> None: ...
 
 class EncodedImage(_message.Message):
     __slots__ = ("embedding_key", "cache_hit", "num_tokens", "hidden_size", "embedding")
@@ -57,7 +59,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "dtype", "device", "image_placeholder", "hidden_size", "max_context", "image_token_id", "image_size", "version")
+    __slots__ = ("model_id", "fingerprint", "dtype", "device", "image_placeholder", "hidden_size", "max_context", "image_token_id", "image_size", "version", "family", "tokens_per_image", "image_embeddings_depend_on_instruction")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,9 @@ class ModelInfo(_message.Message):
     IMAGE_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EMBEDDINGS_DEPEND_ON_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     dtype: str
@@ -78,4 +83,7 @@ class ModelInfo(_message.Message):
     image_token_id: int
     image_size: int
     version: str
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., image_placeholder: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_context: _Optional[int] = ..., image_token_id: _Optional[int] = ..., image_size: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    family: str
+    tokens_per_image: int
+    image_embeddings_depend_on_instruction: bool
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., image_placeholder: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_context: _Optional[int] = ..., image_token_id: _Optional[int] = ..., image_size: _Optional[int] = ..., version: _Optional[str] = ..., family: _Optional[str] = ..., tokens_per_image: _Optional[int] = ..., image_embeddings_depend_on_instruction: _Optional[bool] = ...) -> None: ...

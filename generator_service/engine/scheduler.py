@@ -24,9 +24,11 @@ from generator_service.engine.request import Request, RequestStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 4096
+    """The engine's limits (EngineConfig holds their defaults; the model decides max_model_len)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
 
     def __post_init__(self) -> None:
         for name, flag in (("max_num_seqs", "--max-num-seqs"), ("max_num_batched_tokens", "--max-num-batched-tokens"),

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from common.hashing import redis_key
-from encoder_service.image_io import decode_image
+from common.images.intake import decode_image
 from tests.encoder.support import RedisProcess, RunningServer
 
 StartServer = Callable[..., RunningServer]

@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from common.config import CacheConfig, EncoderConfig, ModelConfig, ServerConfig
+from common.images.vision_encoder import VisionEncoder
 from common.models.base import PreparedImage
 from encoder_service.server import EncoderServer
-from encoder_service.vision_encoder import VisionEncoder
 from protos import encoder_pb2, encoder_pb2_grpc
 from tests.grpc_support import RedisProcess as RedisProcess  # re-exported for the encoder tests
 from tests.grpc_support import free_port as free_port

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from common.images.batcher import BatcherClosedError, DynamicBatcher, SingleFlight
 from common.models.base import PreparedImage, collate
-from encoder_service.batcher import BatcherClosedError, DynamicBatcher, SingleFlight
 
 
 class FakeModel:

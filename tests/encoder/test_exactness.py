@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from common.config import ModelConfig
+from common.images.intake import decode_image
+from common.images.vision_encoder import VisionEncoder
 from common.tensor_codec import tensor_from_proto
-from encoder_service.image_io import decode_image
-from encoder_service.vision_encoder import VisionEncoder
 from tests.conftest import CheckpointFactory
 from tests.encoder.conftest import Reference, StartServer
 from tests.encoder.support import encoder_config, png_bytes
@@ -44,8 +44,8 @@ def test_grpc_embeddings_equal_hf_get_image_features(
 
     # The same images with fresh bytes (so the cache misses), in one call: one batch of 4, within 1e-5.
     # A long batch wait makes sure that the 4 images, decoded on different threads, share one forward pass.
-    assert server.server.core is not None
-    server.server.core.batcher.max_wait_s = 0.5
+    assert server.server.local_encoder is not None
+    server.server.local_encoder.batcher.max_wait_s = 0.5
     batches_before = server.metric("mmserve_encoder_batch_size_count")
     fresh = [png_bytes(seed + 100, size) for seed, size in enumerate([(40, 30), (64, 64), (17, 90), (300, 200)])]
     response = server.encode(*fresh)

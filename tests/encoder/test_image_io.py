@@ -1,4 +1,4 @@
-"""Tests for encoder_service.image_io: untrusted bytes -> upright RGB, or ImageDecodeError.
+"""Tests for common.images.intake: untrusted bytes -> upright RGB, or ImageDecodeError.
 
 Every image is built in memory with Pillow (or by hand, byte by byte, for headers Pillow will not write).
 """
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import GifImagePlugin, Image, ImageFile, PngImagePlugin, features
 
-from encoder_service.image_io import (
+from common.images.intake import (
     ALLOWED_FORMATS,
     ImageDecodeError,
     ImageLimits,

@@ -10,6 +10,7 @@ import torch
 
 from common.config import CacheConfig
 from common.embedding_record import EmbeddingRecord, decode_record, encode_record
+from common.hashing import image_key
 from common.tensor_codec import tensor_from_proto
 from protos import encoder_pb2
 from tests.encoder.conftest import RedisKeys, Reference, StartServer
@@ -59,7 +60,7 @@ def test_poisoned_records_are_misses_and_are_deleted(
     server = start_server(encoder_config(tiny_checkpoint, redis_url=redis_url))
     fingerprint = server.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10).fingerprint
     data = png_bytes()
-    key = server.run(server.server.core.image_key(data))  # type: ignore[union-attr]
+    key = image_key(fingerprint, data)
     name = redis_keys.name(key)
     poison = _poison(kind, fingerprint, key)
 
@@ -91,7 +92,7 @@ def test_record_of_image_a_copied_under_image_b_is_a_miss(
     fingerprint = server.stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=10).fingerprint
     image_a, image_b = png_bytes(), png_bytes()
     (result_a,) = server.encode(image_a).images
-    key_b = server.run(server.server.core.image_key(image_b))  # type: ignore[union-attr]
+    key_b = image_key(fingerprint, image_b)
     name_a, name_b = redis_keys.name(result_a.embedding_key), redis_keys.name(key_b)
     copied = redis_keys.client.get(name_a)
     assert copied is not None

@@ -18,9 +18,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from common.config import ModelConfig
 from common.hashing import image_key
+from common.images.vision_encoder import VisionEncoder
 from common.tensor_codec import tensor_from_proto
 from encoder_service.server import SERVICE_NAME
-from encoder_service.vision_encoder import VisionEncoder
 from protos import encoder_pb2
 from tests.conftest import CheckpointFactory
 from tests.encoder.conftest import StartServer

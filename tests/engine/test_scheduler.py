@@ -21,8 +21,11 @@ BLOCK_SIZE = 4
 EOS = 2
 
 
+LIMITS = {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "max_model_len": 4096}
+
+
 def make_scheduler(num_blocks: int = 10, **config: int) -> Scheduler:
-    return Scheduler(SchedulerConfig(**config), BlockManager(num_blocks, BLOCK_SIZE))
+    return Scheduler(SchedulerConfig(**{**LIMITS, **config}), BlockManager(num_blocks, BLOCK_SIZE))
 
 
 def make_request(
@@ -173,11 +176,11 @@ def test_rejections_say_what_to_change() -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="--max-num-seqs"):
-        SchedulerConfig(max_num_seqs=0)
+        SchedulerConfig(**{**LIMITS, "max_num_seqs": 0})
     with pytest.raises(ValueError, match="--max-num-batched-tokens"):
-        SchedulerConfig(max_num_batched_tokens=-1)
+        SchedulerConfig(**{**LIMITS, "max_num_batched_tokens": -1})
     with pytest.raises(ValueError, match="--max-model-len"):
-        SchedulerConfig(max_model_len=0)
+        SchedulerConfig(**{**LIMITS, "max_model_len": 0})
 
 
 def test_abort_in_every_state_frees_blocks() -> None:

@@ -26,7 +26,7 @@ from common.config import (
     ModelConfig,
     ServerConfig,
 )
-from encoder_service.image_io import decode_image
+from common.images.intake import decode_image
 from encoder_service.server import EncoderServer
 from generator_service.server import GeneratorServer
 from protos import encoder_pb2, generator_pb2, generator_pb2_grpc

@@ -104,8 +104,8 @@ def test_in_process_encoding_uses_the_caches(
     first = generate(generator.address, request(PROMPT, [image], max_tokens=6))
     assert first.code == grpc.StatusCode.OK, first.details
     assert first.token_ids == reference.generate(PROMPT, [image], 6)
-    assert generator.server.resolver is not None
-    key = image_key(generator.server.resolver.fingerprint, image)
+    assert generator.server.images is not None
+    key = image_key(generator.server.images.encoder.fingerprint, image)
     assert redis_process.client.exists(f"mmserve:emb:{key}")  # shared with the other replicas
 
     by_key = generate(generator.address, request(PROMPT, [key], max_tokens=6))

@@ -58,8 +58,8 @@ def test_health_reflection_and_model_info(stack: Stack) -> None:
         info = generator_pb2_grpc.GeneratorStub(channel).GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5)
     assert info.max_context == 2048 and info.hidden_size == 64 and info.image_placeholder == "<image>"
     assert info.dtype == "float32" and info.device == "cpu" and info.image_size == 32
-    assert stack.encoder.server.core is not None
-    assert info.fingerprint == stack.encoder.server.core.fingerprint  # image keys agree across services
+    assert stack.encoder.server.local_encoder is not None
+    assert info.fingerprint == stack.encoder.server.local_encoder.fingerprint  # image keys agree across services
 
 
 def test_metrics_endpoint_serves_the_contract_names(stack: Stack) -> None:

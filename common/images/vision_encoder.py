@@ -37,6 +37,7 @@ from common.checkpoint import (
     torch_dtype,
 )
 from common.config import ModelConfig
+from common.images.errors import InvalidImageError
 from common.models.base import PreparedImage, collate
 
 # Processors that resize the shortest edge to S stretch the long edge to S * aspect before cropping: a 1 x 16384
@@ -44,7 +45,7 @@ from common.models.base import PreparedImage, collate
 MAX_ASPECT_RATIO = 32.0
 
 
-class UnsupportedImageError(ValueError):
+class UnsupportedImageError(InvalidImageError):
     """A decoded image this encoder will not process; str(e) is safe to send to a client."""
 
 

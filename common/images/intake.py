@@ -30,6 +30,8 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.images.errors import InvalidImageError
+
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 _ALLOWED_TEXT = "JPEG, PNG, WebP, GIF, BMP"
 BACKGROUND_RGB = (255, 255, 255)  # transparency is composited onto this fixed colour
@@ -86,7 +88,7 @@ class ImageLimits:
             )
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InvalidImageError):
     """Bad image input; str(e) is a client-safe message (no memory addresses, no reprs, no stack)."""
 
 

@@ -33,18 +33,15 @@ from redis.exceptions import RedisError
 from common.config import CacheConfig
 from common.embedding_record import EmbeddingRecord, RecordError, decode_record, encode_record
 from common.hashing import redis_key
+from common.images.circuit_breaker import CircuitBreaker
+from common.images.errors import CacheUnavailableError
 from common.tensor_codec import TensorDecodeError, tensor_from_bytes, tensor_to_bytes
-from encoder_service.circuit_breaker import CircuitBreaker
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 # Compare-and-delete: drop a poisoned record only if nobody replaced it since we read it.
 _DELETE_IF_UNCHANGED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-
-
-class CacheUnavailableError(Exception):
-    """The cache backend did not answer (error, timeout, or circuit breaker open)."""
 
 
 class EmbeddingCache(Protocol):
@@ -54,6 +51,10 @@ class EmbeddingCache(Protocol):
 
     async def put(self, key: str, embedding: torch.Tensor) -> None:
         """Store best-effort; never raises for backend faults."""
+        ...
+
+    def use_fingerprint(self, fingerprint: str) -> None:
+        """Records are written and verified for this encoder fingerprint from now on."""
         ...
 
     async def close(self) -> None: ...
@@ -111,6 +112,9 @@ class LocalEmbeddingCache:
 
     async def put(self, key: str, embedding: torch.Tensor) -> None:
         self.put_sync(key, embedding)
+
+    def use_fingerprint(self, fingerprint: str) -> None:
+        return None  # keys already contain the fingerprint; entries hold no record header
 
     async def close(self) -> None:
         with self._lock:
@@ -202,6 +206,9 @@ class RedisEmbeddingCache:
         # A failed SET is counted by _call; the embedding is still returned to the caller.
         with contextlib.suppress(CacheUnavailableError):
             await self._call("set", lambda: self._client.set(redis_key(key), blob, ex=self._ttl_s or None))
+
+    def use_fingerprint(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
 
     async def close(self) -> None:
         await self._client.aclose()
