@@ -1,9 +1,10 @@
 """The synchronous engine: scheduler + model runner + detokenizers, one `step()` at a time.
 
-    out = scheduler.schedule()                 # which requests, how many tokens each
+    out = scheduler.schedule()                 # which requests, how many tokens each; aborts since last step
     result = runner.execute(out.chunks, ...)   # one forward pass, one sampled token per finished chunk
-    finished = scheduler.update(out, result)   # progress, stop checks, blocks freed
-    -> RequestOutput per request that produced text or finished
+    deltas = detokenizers.step(result)          # new text; a matched stop string
+    finished = scheduler.update(out, result.sampled_token_ids, stop strings)  # THE finish decision; blocks freed
+    -> RequestOutput per request that produced text or finished (aborted ones included)
 
 Transport-free and single-threaded: `AsyncEngine` runs it in its own thread for the gRPC service; the
 offline `LLM` calls `step()` directly.
@@ -101,7 +102,6 @@ class LLMEngine:
         eos = self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset() if eos is None else frozenset({int(eos)})
         self._tracked: dict[str, _Tracked] = {}
-        self._aborted: list[Request] = []
         logger.info(
             "engine ready: %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_seqs %d, "
             "max_num_batched_tokens %d, prefix caching %s",
@@ -152,11 +152,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Abort at any point; blocks are freed now and the ABORT output comes with the next step."""
-        tracked = self._tracked.get(request_id)
-        if tracked is None or tracked.request.is_finished:
-            return
-        self.scheduler.abort_request(request_id)
-        self._aborted.append(tracked.request)
+        self.scheduler.abort_request(request_id)  # reported by the next schedule(), which ends its stream
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._tracked)
@@ -174,33 +170,27 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        outputs = [self._final_output(request, [], "", []) for request in self._drain_aborted()]
         scheduled = self.scheduler.schedule()
+        # Aborted since the last step (a request rolled back by a failed add_request was never tracked).
+        aborted = [self._tracked[rid].request for rid in scheduled.finished if rid in self._tracked]
+        outputs = [self._final_output(request, [], "", []) for request in aborted]
+        if scheduled.preempted:
+            logger.debug("preempted (recomputed later): %s", ", ".join(scheduled.preempted))
         if scheduled.is_empty:
             return outputs
         requests = {chunk.request_id: self._tracked[chunk.request_id].request for chunk in scheduled.chunks}
         result = self.runner.execute(scheduled.chunks, requests)
-        finished = {request.request_id for request in self.scheduler.update(scheduled, result.sampled_token_ids)}
+        deltas = {rid: self._tracked[rid].detokenizer.step([token]) for rid, token in result.sampled_token_ids.items()}
+        stop_strings = {rid: delta.stop_string for rid, delta in deltas.items() if delta.stop_string is not None}
+        finished = {r.request_id for r in self.scheduler.update(scheduled, result.sampled_token_ids, stop_strings)}
         for request_id, token_id in result.sampled_token_ids.items():
-            tracked = self._tracked[request_id]
-            request = tracked.request
             logprobs = [result.logprobs[request_id]] if request_id in result.logprobs else []
-            delta = tracked.detokenizer.step([token_id])
-            text = delta.text
-            if delta.stopped and request_id not in finished:
-                self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
-                finished.add(request_id)
-            if delta.stopped:
-                request.stop_reason = delta.stop_string
+            text = deltas[request_id].text
             if request_id in finished:
-                outputs.append(self._final_output(request, [token_id], text, logprobs))
+                outputs.append(self._final_output(self._tracked[request_id].request, [token_id], text, logprobs))
             else:
                 outputs.append(RequestOutput(request_id, [token_id], text, logprobs=logprobs))
         return outputs
-
-    def _drain_aborted(self) -> list[Request]:
-        aborted, self._aborted = self._aborted, []
-        return [request for request in aborted if request.request_id in self._tracked]
 
     def _final_output(
         self, request: Request, token_ids: list[int], text: str, logprobs: list[TokenLogprobs]

@@ -8,8 +8,10 @@ Each step grants tokens under `max_num_batched_tokens`, no prefill/decode phases
   2. If nobody was preempted, WAITING requests are admitted FCFS while budget and max_num_seqs allow, each
      starting after its prefix-cache hit. The first one that does not fit stops admission (no skipping).
 
-The loop reads `out = scheduler.schedule(); sampled = runner.run(out); scheduler.update(out, sampled)`.
-Pure Python: no torch, grpc or redis.
+The loop reads `out = scheduler.schedule(); result = runner.execute(out.chunks, ...);
+finished = scheduler.update(out, result.sampled_token_ids, stop_strings)`: `update` is the one place that decides a
+request is finished (stop token, stop string, length); `out.finished` reports the requests aborted since the last
+step and `out.preempted` the ones sent back to WAITING. Pure Python: no torch, grpc or redis.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[str, ...]
-    finished: tuple[str, ...]  # aborted/finished outside update() since the last step; blocks already freed
+    finished: tuple[str, ...]  # aborted since the last step (their blocks are already freed)
     num_batched_tokens: int
 
     @property
@@ -84,7 +86,7 @@ class Scheduler:
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order: the last one is the newest
-        self._finished_outside_update: list[str] = []
+        self._aborted: list[str] = []
         self.num_preemptions_total = 0
         self.prefix_cache_hit_tokens_total = 0  # hit tokens over every admission, resumes included
 
@@ -116,12 +118,6 @@ class Scheduler:
     def abort_request(self, request_id: str) -> Request | None:
         """Abort a request in any state; its blocks are freed now and its id is reported in the next
         schedule()'s `finished`. Returns None for an unknown or already finished request."""
-        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-
-    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        """Finish a request from outside update() (e.g. the engine matched a stop string)."""
-        if not status.is_finished:
-            raise ValueError(f"finish_request needs a finished status, got {status}")
         request = self._requests.get(request_id)
         if request is None:
             return None
@@ -129,15 +125,15 @@ class Scheduler:
             self._waiting.remove(request)
         else:
             self._running.remove(request)
-        self._finish(request, status)
-        self._finished_outside_update.append(request_id)
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        self._aborted.append(request_id)
         return request
 
     # ---- one step ------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        finished = tuple(self._finished_outside_update)
-        self._finished_outside_update.clear()
+        finished = tuple(self._aborted)
+        self._aborted.clear()
         budget = _TokenBudget(self.config.max_num_batched_tokens)
         chunks, preempted = self._schedule_running(budget)
         if not preempted:  # blocks are short: admitting more would only cause more preemption
@@ -149,10 +145,16 @@ class Scheduler:
             num_batched_tokens=self.config.max_num_batched_tokens - budget.remaining,
         )
 
-    def update(self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]) -> list[Request]:
+    def update(
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Mapping[str, int],
+        stop_strings: Mapping[str, str] | None = None,
+    ) -> list[Request]:
         """Apply a finished step: advance progress, cache full blocks, append sampled tokens, check stops.
 
-        `sampled_token_ids` holds one token per chunk with `samples`. Chunks of requests aborted since
+        `sampled_token_ids` holds one token per chunk with `samples`; `stop_strings` the stop string the new
+        text of a request matched (the engine's detokenizer finds them). Chunks of requests aborted since
         schedule() are skipped. Returns the requests that finished here (their blocks are freed).
         """
         finished: list[Request] = []
@@ -168,7 +170,7 @@ class Scheduler:
             if chunk.request_id not in sampled_token_ids:
                 raise KeyError(f"runner returned no sampled token for request {chunk.request_id!r}")
             request.append_output_token(sampled_token_ids[chunk.request_id])
-            status = self._stop_status(request)
+            status = self._stop_status(request, (stop_strings or {}).get(chunk.request_id))
             if status is not None:
                 self._finish(request, status)
                 finished.append(request)
@@ -239,11 +241,15 @@ class Scheduler:
         self.block_manager.free(request)
         del self._requests[request.request_id]
 
-    def _stop_status(self, request: Request) -> RequestStatus | None:
+    def _stop_status(self, request: Request, stop_string: str | None) -> RequestStatus | None:
+        """Stop token, then stop string, then length (as vLLM checks them)."""
         token = request.output_token_ids[-1]
         sampling = request.sampling
         if (token in request.eos_token_ids and not sampling.ignore_eos) or token in sampling.stop_token_ids:
             request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if stop_string is not None:
+            request.stop_reason = stop_string
             return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= sampling.max_tokens or request.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH

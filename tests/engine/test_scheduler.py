@@ -227,17 +227,28 @@ def test_abort_between_schedule_and_update_is_skipped() -> None:
     assert sched.block_manager.block_table("a") == [] and sched.block_manager.num_used_blocks == 2
 
 
-def test_finish_request_from_the_engine() -> None:
+def test_a_matched_stop_string_finishes_in_update() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 5, max_tokens=10))
+    sched.add_request(make_request("b", 5, max_tokens=10))
+    out = sched.schedule()
+    finished = sched.update(out, {"a": 7, "b": 8}, stop_strings={"a": "END"})
+    assert [r.request_id for r in finished] == ["a"]
+    assert finished[0].status is RequestStatus.FINISHED_STOPPED and finished[0].stop_reason == "END"
+    assert sched.num_running == 1 and sched.block_manager.block_table("a") == []
+    assert sched.schedule().finished == ()  # only aborts are reported by the next schedule()
+
+
+def test_an_abort_is_reported_once_by_the_next_schedule() -> None:
     sched = make_scheduler()
     sched.add_request(make_request("a", 5, max_tokens=10))
     step(sched)
-    a = sched.finish_request("a", RequestStatus.FINISHED_STOPPED)
-    assert a is not None and a.status is RequestStatus.FINISHED_STOPPED
+    a = sched.abort_request("a")
+    assert a is not None and a.status is RequestStatus.FINISHED_ABORTED
     assert sched.block_manager.num_used_blocks == 0
-    out, _ = step(sched)
-    assert out.finished == ("a",)
-    with pytest.raises(ValueError):
-        sched.finish_request("a", RequestStatus.RUNNING)
+    assert sched.abort_request("a") is None  # already finished
+    assert sched.schedule().finished == ("a",)
+    assert sched.schedule().finished == ()
 
 
 def constant_sampler(token: int) -> Sampler:
