@@ -12,6 +12,7 @@ generator without --encoder-address, the offline `LLM`). Caching and single flig
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +77,9 @@ class LocalEncoder:
     async def warm_up(self) -> None:
         """One forward pass on a blank image through the batcher thread (kernels, allocator, thread pools)."""
         blank = Image.new("RGB", (64, 64), (127, 127, 127))
-        prepared = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.encoder.prepare, blank)
+        condition = self.encoder.family.embedding_condition("")  # what an empty prompt conditions on, if anything
+        prepare = functools.partial(self.encoder.prepare, blank, condition)
+        prepared = await asyncio.get_running_loop().run_in_executor(self._decode_pool, prepare)
         await self.batcher.submit(prepared)
 
     async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[torch.Tensor | ImageError]:

@@ -187,16 +187,14 @@ class EmbeddingProvider:
         for index, source in enumerate(sources):
             try:
                 keys.append(await self.key(source, fingerprint))
-            except ImageError as error:
-                raise error.at(index) from None
+            except ImageError as bad:
+                raise bad.at(index) from None
         embeddings = await self._embeddings(keys, sources, deadline)
-        resolved = []
-        for index, key in enumerate(keys):
-            outcome = embeddings[key]
-            if isinstance(outcome, ImageError):
-                raise outcome.at(index)
-            resolved.append(outcome)
-        return resolved
+        errors = [(index, found) for index, key in enumerate(keys) if isinstance(found := embeddings[key], ImageError)]
+        if errors:  # the image that failed, rather than the images its failure left unencoded
+            index, failed = next(((i, e) for i, e in errors if not isinstance(e, SkippedImageError)), errors[0])
+            raise failed.at(index)
+        return [found for key in keys if isinstance(found := embeddings[key], ResolvedImage)]
 
     async def _embeddings(
         self, keys: list[str], sources: Sequence[ImageSource], deadline: float | None
@@ -219,7 +217,7 @@ class EmbeddingProvider:
         outcomes: dict[str, ResolvedImage | ImageError] = {}
         for key in by_key:
             outcome = await _outcome(futures.get(key) or joined[key])
-            if isinstance(outcome, SkippedImageError):  # another request's bad image stopped its call
+            if isinstance(outcome, SkippedImageError) and key in joined:  # another request's bad image stopped it
                 outcome = (await self._embeddings([key], [by_key[key]], deadline))[key]
             outcomes[key] = outcome
         return outcomes
@@ -295,18 +293,18 @@ class EmbeddingProvider:
         except ImageError as error:
             for position, key in enumerate(keys):
                 if error.index is None or error.index == position:
-                    futures[key].set_exception(error.at(None))
+                    self._fail(futures, key, error.at(None))
                 else:
-                    futures[key].set_exception(SkippedImageError(error.message))
+                    self._fail(futures, key, SkippedImageError(error.message))
             return
         for key, outcome in zip(keys, outcomes, strict=True):
             if isinstance(outcome, ImageError):
-                futures[key].set_exception(outcome.at(None))
+                self._fail(futures, key, outcome.at(None))
                 continue
             try:
                 embedding = self._checked(outcome, "the encoder")
             except ImageError as error:
-                futures[key].set_exception(error)
+                self._fail(futures, key, error)
                 continue
             self._settle(futures[key], key, embedding, "encoder")
             await self._fill(key, embedding)
@@ -323,23 +321,25 @@ class EmbeddingProvider:
         if not keys:
             return
         shared_answered = any(layer.shared for layer in self.caches) and not cache_unavailable
-        try:
-            if not self.encoder.holds_keys or shared_answered:
-                raise _missing(keys[0], cache_unavailable)
-            fetched = await self.encoder.fetch(keys, deadline)
-        except EmbeddingNotFoundError:
+        if not self.encoder.holds_keys or shared_answered:
             for key in keys:
-                futures[key].set_exception(_missing(key, cache_unavailable))
+                self._fail(futures, key, _missing(key, cache_unavailable))
+            return
+        try:
+            fetched = await self.encoder.fetch(keys, deadline)
+        except EmbeddingNotFoundError:  # the encoder's own answer: nobody has them
+            for key in keys:
+                self._fail(futures, key, _missing(key, False))
             return
         except ImageError as error:
             for key in keys:
-                futures[key].set_exception(error.at(None))
+                self._fail(futures, key, error.at(None))
             return
         for key, embedding in zip(keys, fetched, strict=True):
             try:
                 self._settle(futures[key], key, self._checked(embedding, "the encoder"), "encoder")
             except ImageError as error:
-                futures[key].set_exception(error)
+                self._fail(futures, key, error)
 
     async def _fill(self, key: str, embedding: torch.Tensor, before: CacheLayer | None = None) -> None:
         """Store in the cache layers that take fills (those before `before` only, when a later layer had it)."""
@@ -348,6 +348,12 @@ class EmbeddingProvider:
                 return
             if layer.fill:
                 await layer.cache.put(key, embedding)
+
+    def _fail(self, futures: dict[str, _Found], key: str, error: ImageError) -> None:
+        """Settle `key` with `error` and stop offering its flight: a later request tries the key afresh."""
+        futures[key].set_exception(error)
+        if self._in_flight.get(key) is futures[key]:
+            del self._in_flight[key]
 
     def _settle(self, future: _Found, key: str, embedding: torch.Tensor, source: str) -> None:
         future.set_result(ResolvedImage(key, embedding, source))

@@ -7,56 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from common.hashing import redis_key
 from common.images.intake import decode_image
-from tests.encoder.support import RedisProcess, RunningServer
+from tests.encoder.support import RunningServer
 
 StartServer = Callable[..., RunningServer]
 Reference = Callable[[Path, list[bytes]], list[torch.Tensor]]
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """The Redis at 127.0.0.1:6379 when it answers, else a private redis-server for this session."""
-    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=0.5, socket_connect_timeout=0.5)
-    try:
-        client.ping()
-    except redis.RedisError:
-        process = RedisProcess()
-        yield process.url
-        process.kill()
-    else:
-        yield "redis://127.0.0.1:6379/0"
-    finally:
-        client.close()
-
-
-class RedisKeys:
-    """A redis-py client that deletes, after the test, every image key the test registered."""
-
-    def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url)
-        self._names: set[str] = set()
-
-    def name(self, image_key: str) -> str:
-        self._names.add(redis_key(image_key))
-        return redis_key(image_key)
-
-    def cleanup(self) -> None:
-        if self._names:
-            self.client.delete(*self._names)
-        self.client.close()
-
-
-@pytest.fixture
-def redis_keys(redis_url: str) -> Iterator[RedisKeys]:
-    keys = RedisKeys(redis_url)
-    yield keys
-    keys.cleanup()
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from common.embedding_record import EmbeddingRecord, decode_record, encode_recor
 from common.hashing import image_key
 from common.tensor_codec import tensor_from_proto
 from protos import encoder_pb2
-from tests.encoder.conftest import RedisKeys, Reference, StartServer
+from tests.conftest import RedisKeys
+from tests.encoder.conftest import Reference, StartServer
 from tests.encoder.support import RedisProcess, encoder_config, free_port, png_bytes, version_1_record
 
 

@@ -15,7 +15,7 @@ from common.config import CacheConfig
 from common.embedding_record import EmbeddingRecord, decode_record, encode_record
 from common.images.cache import CacheUnavailableError, LocalEmbeddingCache, RedisEmbeddingCache
 from common.images.circuit_breaker import BreakerState, CircuitBreaker
-from tests.encoder.conftest import RedisKeys
+from tests.conftest import RedisKeys
 from tests.encoder.support import free_port, version_1_record
 
 FINGERPRINT = "f" * 64
