@@ -31,7 +31,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from common.errors import CheckpointError
 from common.hashing import fingerprint_digest
 from common.models import ModelFamily, family_for_config
-from common.models.base import Half
+from common.models.base import Half, VisionModule
 
 _Built = TypeVar("_Built")
 
@@ -50,7 +50,7 @@ class LoadReport:
 @dataclass
 class VisionHalf:
     family: ModelFamily
-    module: nn.Module  # the family's `build_vision()`, in eval mode, weights exactly as stored
+    module: VisionModule  # the family's `build_vision()`, in eval mode, weights exactly as stored
     report: LoadReport
 
     @property
@@ -184,9 +184,10 @@ def load_vision_half(
     family = load_family(path)
     module = _build_empty(family.build_vision, device)
     report = LoadReport()
-    _load_into(
-        module, "vision", path, family, torch_dtype(dtype), device, report, float32_prefixes=family.float32_modules
-    )
+    target = torch_dtype(dtype)
+    # As Hugging Face does: `_keep_in_fp32_modules` applies to float16 only (bfloat16 has float32's range).
+    float32_prefixes = family.float32_modules if target == torch.float16 else ()
+    _load_into(module, "vision", path, family, target, device, report, float32_prefixes=float32_prefixes)
     return VisionHalf(family=family, module=module.eval(), report=report)
 
 

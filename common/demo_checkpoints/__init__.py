@@ -13,13 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.demo_checkpoints import llava
+from common.demo_checkpoints import blip2, llava, llava_next
 
 Builder = Callable[..., Path]
 
 # family name -> (builder, its default language model)
 BUILDERS: dict[str, tuple[Builder, str]] = {
     "llava": (llava.build, "llama"),
+    "blip2": (blip2.build_blip2, "opt"),
+    "instructblip": (blip2.build_instructblip, "llama"),
+    "llava_next": (llava_next.build, "mistral"),
 }
 
 

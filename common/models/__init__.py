@@ -13,10 +13,12 @@ from transformers import PretrainedConfig
 
 from common.errors import UnsupportedArchitectureError
 from common.models.base import ModelFamily
+from common.models.blip2 import Blip2Family, InstructBlipFamily
 from common.models.llava import LlavaFamily
+from common.models.llava_next import LlavaNextFamily
 
 # Tried in order; the first family whose config class matches serves the checkpoint.
-FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily, LlavaNextFamily, Blip2Family, InstructBlipFamily)
 
 __all__ = ["FAMILIES", "ModelFamily", "family_for_config", "supported_architectures"]
 

@@ -79,6 +79,17 @@ class PreparedImage:
         return tuple((name, tuple(tensor.shape), tensor.dtype) for name, tensor in sorted(self.tensors.items()))
 
 
+class VisionModule(nn.Module):
+    """A family's vision half: Hugging Face's own submodules under their HF names, and the config that the HF
+    methods a subclass borrows (`get_image_features = LlavaModel.get_image_features`) read as `self.config`."""
+
+    config: PretrainedConfig
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+
+
 def collate(images: Sequence[PreparedImage]) -> dict[str, torch.Tensor]:
     """Prepared images of one `batch_signature` -> the batched keyword arguments of `get_image_features`."""
     names = images[0].tensors
@@ -99,8 +110,9 @@ class ModelFamily(ABC):
     # Stored tensor key -> (half, name inside that half's module); the first matching rule wins. Keys matching
     # none are never read by either half.
     key_rules: ClassVar[tuple[KeyRule, ...]]
-    # Vision-half submodules Hugging Face keeps in float32 whatever the dtype (its `_keep_in_fp32_modules`,
-    # e.g. BLIP-2's QFormer): names inside the vision module, matched as prefixes.
+    # Vision-half submodules Hugging Face keeps in float32 when the model runs in float16 (its
+    # `_keep_in_fp32_modules`, e.g. BLIP-2's QFormer; HF applies them to float16 only, so do we): names inside the
+    # vision module, matched as prefixes.
     float32_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PretrainedConfig) -> None:
@@ -133,10 +145,10 @@ class ModelFamily(ABC):
         return int(self.text_config.hidden_size)
 
     @abstractmethod
-    def build_vision(self) -> nn.Module:
+    def build_vision(self) -> VisionModule:
         """The empty vision half (weights come later): HF's own submodules under the names `classify` gives."""
 
-    def prepare_vision(self, vision: nn.Module) -> dict[str, Any]:
+    def prepare_vision(self, vision: VisionModule) -> dict[str, Any]:
         """Adjust the loaded vision half before use (e.g. remove layers whose output is never read); returns what
         was changed, for the start-up log."""
         return {}  # most families run their modules as loaded
@@ -149,7 +161,7 @@ class ModelFamily(ABC):
         return PreparedImage({name: value for name, value in outputs.items() if isinstance(value, torch.Tensor)})
 
     @abstractmethod
-    def image_features(self, vision: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def image_features(self, vision: VisionModule, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Collated prepared images -> one projected embedding [rows, hidden_size] per image, in order.
 
         Must compute exactly what the Hugging Face model's `get_image_features` computes (bit for bit in float32

@@ -20,22 +20,21 @@ Stored key layouts (all handled):
 from __future__ import annotations
 
 import copy
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
-from transformers import AutoModel, LlavaConfig, PreTrainedModel
+from transformers import AutoModel, LlavaConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.llava.modeling_llava import LlavaModel, LlavaMultiModalProjector
 
-from common.models.base import CAUSAL_LM_KEY_RULES, ModelFamily, key_rule
+from common.models.base import CAUSAL_LM_KEY_RULES, ModelFamily, VisionModule, key_rule
 
 
-class LlavaVision(nn.Module):
+class LlavaVision(VisionModule):
     """The vision half of `LlavaModel`: its tower and projector under its names, and its own get_image_features."""
 
     def __init__(self, config: LlavaConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
 
@@ -45,28 +44,29 @@ class LlavaVision(nn.Module):
 class LlavaFamily(ModelFamily):
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
-    config_class = LlavaConfig
+    config_class: ClassVar[type[PretrainedConfig]] = LlavaConfig
     example_hub_ids = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf", "llava-hf/bakLlava-v1-hf")
     key_rules = (key_rule(r"^(?:model\.)?(?=vision_tower\.|multi_modal_projector\.)", "vision"), *CAUSAL_LM_KEY_RULES)
     config: LlavaConfig
 
-    def build_vision(self) -> nn.Module:
+    def build_vision(self) -> VisionModule:
         return LlavaVision(self.config)
 
-    def prepare_vision(self, vision: nn.Module) -> dict[str, Any]:
+    def prepare_vision(self, vision: VisionModule) -> dict[str, Any]:
         """Drop the tower layers after the deepest selected one (see `drop_unused_layers`)."""
-        vision = cast(LlavaVision, vision)
-        tower = vision.vision_tower
+        tower = vision.get_submodule("vision_tower")
         if not isinstance(tower, PreTrainedModel):
             return {}
         feature_layer = self.config.vision_feature_layer
         layers = drop_unused_layers(tower, feature_layer)
-        # The truncated tower returns fewer hidden states: select them by absolute index from now on.
-        vision.config = copy.copy(vision.config)
-        vision.config.vision_feature_layer = layers[0] if isinstance(feature_layer, int) else layers
+        # The truncated tower returns fewer hidden states: select them by absolute index from now on (in a copy:
+        # the family's config, and so the fingerprint, keep the checkpoint's indices).
+        config = copy.copy(self.config)
+        config.vision_feature_layer = layers[0] if isinstance(feature_layer, int) else layers
+        vision.config = config
         return {"layers_run": max(layers) if min(layers) >= 0 else int(tower.config.num_hidden_layers)}
 
-    def image_features(self, vision: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def image_features(self, vision: VisionModule, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         outputs = cast(LlavaVision, vision).get_image_features(pixel_values=batch["pixel_values"])
         return list(outputs.pooler_output)
 
@@ -90,10 +90,18 @@ class LlavaFamily(ModelFamily):
         return tokens
 
     def embedding_identity(self) -> dict[str, Any]:
+        """The feature layer and strategy, and the tower and projector settings the weights' shapes do not imply."""
+        vision_config = self.config.vision_config
         return {
             "vision_feature_layer": self.config.vision_feature_layer,
             "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
-        }
+            "projector_hidden_act": self.config.projector_hidden_act,
+            "vision_tower": {
+                name: getattr(vision_config, name, None)
+                for name in ("model_type", "image_size", "patch_size", "num_attention_heads", "hidden_act",
+                             "layer_norm_eps")
+            },
+        }  # fmt: skip
 
 
 def drop_unused_layers(tower: PreTrainedModel, feature_layer: int | list[int]) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoConfig, AutoProcessor, Blip2Config, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, MllamaConfig
 
 from common.checkpoint import load_text_half, load_vision_half
 from common.errors import CheckpointError, UnsupportedArchitectureError
@@ -24,10 +24,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def blip2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real Hugging Face config of an architecture mmserve does not serve (config only: it is refused first)."""
-    path = tmp_path_factory.mktemp("blip2")
-    Blip2Config().save_pretrained(path)
+def unsupported_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Hugging Face config of an architecture mmserve does not serve (Llama 3.2 Vision's cross-attention;
+    config only: it is refused first)."""
+    path = tmp_path_factory.mktemp("mllama")
+    MllamaConfig(architectures=["MllamaForConditionalGeneration"]).save_pretrained(path)
     return path
 
 
@@ -38,12 +39,12 @@ def test_llava_config_selects_the_llava_family(tiny_checkpoint: Path) -> None:
     assert "LlavaForConditionalGeneration" in supported_architectures()
 
 
-def test_unsupported_architecture_is_refused_with_the_supported_list(blip2_checkpoint: Path) -> None:
+def test_unsupported_architecture_is_refused_with_the_supported_list(unsupported_checkpoint: Path) -> None:
     for load in (load_vision_half, load_text_half):
         with pytest.raises(UnsupportedArchitectureError) as error:
-            load(blip2_checkpoint)
+            load(unsupported_checkpoint)
         message = str(error.value)
-        assert "Blip2" in message and "blip-2" in message  # what was found: class and model_type
+        assert "MllamaForConditionalGeneration" in message and "'mllama'" in message  # the class and model_type
         for architecture in supported_architectures():
             assert architecture in message
 
@@ -56,13 +57,13 @@ def test_unknown_model_type_is_a_checkpoint_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("main", [encoder_main, generator_main], ids=["encoder", "generator"])
 def test_services_refuse_an_unsupported_checkpoint_at_start(
-    main: object, blip2_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+    main: object, unsupported_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert callable(main)
-    assert main(["--model", str(blip2_checkpoint), "--port", "0", "--metrics-port", "0"]) == 2
+    assert main(["--model", str(unsupported_checkpoint), "--port", "0", "--metrics-port", "0"]) == 2
     err = capsys.readouterr().err
-    assert "error: mmserve does not serve Blip2" in err
-    assert "supported architectures: LlavaForConditionalGeneration" in err
+    assert "error: mmserve does not serve MllamaForConditionalGeneration" in err
+    assert "supported architectures: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration" in err
 
 
 @pytest.mark.parametrize("layout", ["save_pretrained", "hub_legacy"])
