@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 # The oldest transformers release we support; `make test-compat` runs the suite against it.
 COMPAT_TRANSFORMERS := 5.17.0
 COMPAT_VENV := .venv-compat
-DEMO_MODEL := .cache/models/demo-tiny
+# `make demo FAMILY=llava_next` (or blip2, instructblip): the demo on a tiny checkpoint of that model family.
+FAMILY ?= llava
+DEMO_MODEL := .cache/models/demo-$(FAMILY)-tiny
 BENCH_MODEL := .cache/models/bench
 PROTOS := protos/encoder.proto protos/generator.proto
 
@@ -14,6 +16,7 @@ PROTOS := protos/encoder.proto protos/generator.proto
 
 help:
 	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
+	@echo "                 (FAMILY=llava|llava_next|blip2|instructblip picks the model family; default llava)"
 	@echo "make test        run the test suite (installs dependencies first)"
 	@echo "make test-compat the test suite against transformers $(COMPAT_TRANSFORMERS) (oldest supported)"
 	@echo "make install     create $(VENV) with the pinned dependencies"
@@ -61,7 +64,7 @@ test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -q
 
 $(DEMO_MODEL)/config.json: common/demo_model.py $(wildcard common/demo_checkpoints/*.py) common/assets/corpus.txt | install
-	$(PY) -m common.demo_model $(DEMO_MODEL) --size tiny --seed 0
+	$(PY) -m common.demo_model $(DEMO_MODEL) --family $(FAMILY) --size tiny --seed 0
 
 demo-model: install $(DEMO_MODEL)/config.json
 

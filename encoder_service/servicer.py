@@ -118,6 +118,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             family=encoder.family.name,
             tokens_per_image=encoder.tokens_per_image or 0,
             image_embeddings_depend_on_instruction=encoder.family.embedding_condition("") is not None,
+            images_before_text=encoder.family.images_before_text,
         )
 
     def _ready_backend(self) -> EncoderBackend:

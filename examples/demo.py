@@ -27,12 +27,12 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 
 from common.client import MMServeClient
-from protos import generator_pb2
+from protos import encoder_pb2, generator_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -108,15 +108,27 @@ def wait_serving(service: Service, client: MMServeClient) -> None:
         time.sleep(0.2)
 
 
-def ask(client: MMServeClient, image: Path, question: str, max_tokens: int) -> generator_pb2.Usage:
-    """Stream one answer to stdout; returns the usage of the last message."""
-    content = [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]
-    messages = [{"role": "user", "content": content}]
+def blip_prompt(question: str) -> str:
+    """The prompt of models that put the image in front of the text and have no chat template (BLIP-2)."""
+    return f"Question: {question} Answer:"
+
+
+def ask(
+    client: MMServeClient, info: encoder_pb2.ModelInfo, image: Path, question: str, max_tokens: int
+) -> generator_pb2.Usage:
+    """Stream one answer to stdout; returns the usage of the last message. A chat turn rendered by the checkpoint's
+    chat template, or for a model that puts images before the text (BLIP-2) the raw "Question: ... Answer:"."""
     started = time.perf_counter()
     first_token_s = None
     usage = generator_pb2.Usage()
     print("  answer: ", end="", flush=True)
-    for response in client.generate(messages=messages, max_tokens=max_tokens, temperature=0.0, timeout_s=60):
+    sampling: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.0, "timeout_s": 60}
+    if info.images_before_text:
+        stream = client.generate(blip_prompt(question), images=[str(image)], **sampling)
+    else:
+        content = [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]
+        stream = client.generate(messages=[{"role": "user", "content": content}], **sampling)
+    for response in stream:
         if response.token_ids and first_token_s is None:
             first_token_s = time.perf_counter() - started
         print(response.text, end="", flush=True)
@@ -162,22 +174,26 @@ def run(args: argparse.Namespace) -> int:
             started = time.perf_counter()
             wait_serving(encoder, client)
             wait_serving(generator, client)
+            info = client.model_info()
             print(f"1. encoder at {encoder.address} and generator at {generator.address} are SERVING "
-                  f"({time.perf_counter() - started:.1f} s)")  # fmt: skip
+                  f"({time.perf_counter() - started:.1f} s); model family {info.family}, "
+                  f"{info.tokens_per_image or 'size-dependent'} tokens per image")  # fmt: skip
 
             print(f"2. first request: {args.question!r}")
             hits_before = encoder.metric("mmserve_encoder_cache_hits_total")
-            first = ask(client, args.image, args.question, args.max_tokens)
+            first = ask(client, info, args.image, args.question, args.max_tokens)
             cold = encoder.metric("mmserve_encoder_cache_hits_total") == hits_before
             print(f"  the image embedding was {'computed by the encoder' if cold else 'already cached'}")
 
             print("3. the same image and question again")
-            second = ask(client, args.image, args.question, args.max_tokens)
+            second = ask(client, info, args.image, args.question, args.max_tokens)
             checks.append(("second answer reused the image's KV blocks (cached_prompt_tokens > 0)",
                            second.cached_prompt_tokens > 0))  # fmt: skip
             checks.append(("both answers have the same length", first.completion_tokens == second.completion_tokens))
 
-            (encoded,) = client.encode([args.image])
+            # A model whose image embeddings read the prompt (InstructBLIP) keys them by image and instruction.
+            instruction = blip_prompt(args.question) if info.image_embeddings_depend_on_instruction else ""
+            (encoded,) = client.encode([args.image], instruction=instruction)
             print(f"4. Encode of the same image: cache_hit={encoded.cache_hit}, key {encoded.embedding_key[:16]}…, "
                   f"{encoded.num_tokens} x {encoded.hidden_size} embedding")  # fmt: skip
             checks.append(("the encoder's cache holds the image (Encode cache_hit)", encoded.cache_hit))
@@ -207,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", required=True, help="LLaVA checkpoint directory")
+    parser.add_argument("--model", required=True, help="checkpoint directory of any supported family")
     parser.add_argument("--image", type=Path, default=REPO / "examples" / "cat.jpg", help="image to ask about")
     parser.add_argument("--question", default="What is in the picture?", help="question about the image")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per answer")

@@ -156,6 +156,7 @@ class GeneratorServer:
                 family=family.name,
                 tokens_per_image=inputs.tokens_per_image or 0,
                 image_embeddings_depend_on_instruction=family.embedding_condition("") is not None,
+                images_before_text=family.images_before_text,
             )
 
         self._servicer.attach(

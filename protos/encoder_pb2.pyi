@@ -59,7 +59,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "dtype", "device", "image_placeholder", "hidden_size", "max_context", "image_token_id", "image_size", "version", "family", "tokens_per_image", "image_embeddings_depend_on_instruction")
+    __slots__ = ("model_id", "fingerprint", "dtype", "device", "image_placeholder", "hidden_size", "max_context", "image_token_id", "image_size", "version", "family", "tokens_per_image", "image_embeddings_depend_on_instruction", "images_before_text")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class ModelInfo(_message.Message):
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_EMBEDDINGS_DEPEND_ON_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_BEFORE_TEXT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     dtype: str
@@ -86,4 +87,5 @@ class ModelInfo(_message.Message):
     family: str
     tokens_per_image: int
     image_embeddings_depend_on_instruction: bool
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., image_placeholder: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_context: _Optional[int] = ..., image_token_id: _Optional[int] = ..., image_size: _Optional[int] = ..., version: _Optional[str] = ..., family: _Optional[str] = ..., tokens_per_image: _Optional[int] = ..., image_embeddings_depend_on_instruction: _Optional[bool] = ...) -> None: ...
+    images_before_text: bool
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., image_placeholder: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_context: _Optional[int] = ..., image_token_id: _Optional[int] = ..., image_size: _Optional[int] = ..., version: _Optional[str] = ..., family: _Optional[str] = ..., tokens_per_image: _Optional[int] = ..., image_embeddings_depend_on_instruction: _Optional[bool] = ..., images_before_text: _Optional[bool] = ...) -> None: ...

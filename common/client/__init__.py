@@ -34,6 +34,7 @@ from common.client.messages import (
     build_request,
     chat_message,
     encode_request,
+    format_prompt,
     health_request,
     image_input,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "channel_options",
     "chat_message",
     "default_address",
+    "format_prompt",
     "image_input",
 ]
 
@@ -164,9 +166,15 @@ class MMServeClient(_ClientBase):
         return collector.result()
 
     def encode(
-        self, images: Sequence[ImageLike], return_embeddings: bool = False, *, timeout_s: float | None = None
+        self,
+        images: Sequence[ImageLike],
+        return_embeddings: bool = False,
+        *,
+        instruction: str = "",
+        timeout_s: float | None = None,
     ) -> list[encoder_pb2.EncodedImage]:
-        request = encode_request(images, return_embeddings)
+        """`instruction`: the prompt, for models whose embeddings read it (ModelInfo says so); else ignored."""
+        request = encode_request(images, return_embeddings, instruction)
         stub = encoder_pb2_grpc.EncoderStub(self._channel("encoder"))
         return list(stub.Encode(request, timeout=self._deadline(timeout_s)).images)
 
@@ -237,9 +245,14 @@ class AsyncMMServeClient(_ClientBase):
         return collector.result()
 
     async def encode(
-        self, images: Sequence[ImageLike], return_embeddings: bool = False, *, timeout_s: float | None = None
+        self,
+        images: Sequence[ImageLike],
+        return_embeddings: bool = False,
+        *,
+        instruction: str = "",
+        timeout_s: float | None = None,
     ) -> list[encoder_pb2.EncodedImage]:
-        request = encode_request(images, return_embeddings)
+        request = encode_request(images, return_embeddings, instruction)
         stub = encoder_pb2_grpc.EncoderStub(self._channel("encoder"))
         return list((await stub.Encode(request, timeout=self._deadline(timeout_s))).images)
 

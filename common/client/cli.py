@@ -14,14 +14,15 @@ from typing import Any
 
 import grpc
 
-from common.client import IMAGE_PLACEHOLDER, SERVICE_NAMES, MMServeClient, default_address
+from common.client import SERVICE_NAMES, MMServeClient, default_address, format_prompt
 from common.client.messages import EmbeddingKey, ImageLike, ResponseCollector, SamplingKwargs
 
 _GENERATE_HELP = """\
 Streams the generated text to stdout as it arrives, then prints one summary line (finish reason, usage) to
-stderr. Without --chat the prompt is sent verbatim, after one "<image>\\n" placeholder per --image
-("<image>\\n" * n + PROMPT, the LLaVA-1.5 convention); with --chat it is sent as one chat user turn, the images
-first and then the text, and the server applies the checkpoint's chat template."""
+stderr. Without --chat the prompt is sent as it is, with one placeholder line per --image in front
+("<image>\\n" * n + PROMPT, the LLaVA convention) unless it already holds the model's placeholder or the model
+puts images before the text itself (BLIP-2; GetModelInfo says which); with --chat it is sent as one chat user
+turn, the images first and then the text, and the server applies the checkpoint's chat template."""
 
 
 def _image(value: str) -> ImageLike:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     enc = command("encode", "encode images; print key, cache_hit, num_tokens per image", encoder_default)
     enc.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or key:HEX")
+    enc.add_argument(
+        "--instruction", default="", help="the prompt, for models whose image embeddings read it (InstructBLIP)"
+    )
 
     for name, help in (("info", "print the model info"), ("health", "print the health; exit 0 only when SERVING")):
         sub = command(name, help, f"{generator_default}; with --service encoder, {encoder_default}")
@@ -68,7 +72,8 @@ def _generate(client: MMServeClient, args: argparse.Namespace) -> int:
         content.append({"type": "text", "text": args.prompt})
         stream = client.generate(messages=[{"role": "user", "content": content}], **sampling)
     else:
-        stream = client.generate(f"{IMAGE_PLACEHOLDER}\n" * len(images) + args.prompt, images=images, **sampling)
+        prompt = format_prompt(client.model_info(), args.prompt, len(images)) if images else args.prompt
+        stream = client.generate(prompt, images=images, **sampling)
     collector = ResponseCollector()
     try:
         for response in stream:
@@ -91,7 +96,8 @@ def _generate(client: MMServeClient, args: argparse.Namespace) -> int:
 
 
 def _encode(client: MMServeClient, args: argparse.Namespace) -> int:
-    for name, encoded in zip(args.images, client.encode([_image(value) for value in args.images]), strict=True):
+    encoded_images = client.encode([_image(value) for value in args.images], instruction=args.instruction)
+    for name, encoded in zip(args.images, encoded_images, strict=True):
         hit = "true" if encoded.cache_hit else "false"
         print(f"key={encoded.embedding_key} cache_hit={hit} num_tokens={encoded.num_tokens} image={name}")
     return 0

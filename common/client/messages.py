@@ -105,10 +105,20 @@ def build_request(
     )
 
 
-def encode_request(images: Sequence[ImageLike], return_embeddings: bool) -> encoder_pb2.EncodeRequest:
+def encode_request(
+    images: Sequence[ImageLike], return_embeddings: bool, instruction: str = ""
+) -> encoder_pb2.EncodeRequest:
     return encoder_pb2.EncodeRequest(
-        images=[image_input(image) for image in images], return_embeddings=return_embeddings
+        images=[image_input(image) for image in images], return_embeddings=return_embeddings, instruction=instruction
     )
+
+
+def format_prompt(info: encoder_pb2.ModelInfo, text: str, num_images: int) -> str:
+    """A raw prompt for `num_images` images on this model: one placeholder line per image before the text (the
+    LLaVA convention), unless the text already has them or the model puts images before the text itself."""
+    if num_images == 0 or info.images_before_text or info.image_placeholder in text:
+        return text
+    return f"{info.image_placeholder}\n" * num_images + text
 
 
 def health_request(service: str) -> health_pb2.HealthCheckRequest:

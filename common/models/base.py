@@ -110,6 +110,9 @@ class ModelFamily(ABC):
     # Stored tensor key -> (half, name inside that half's module); the first matching rule wins. Keys matching
     # none are never read by either half.
     key_rules: ClassVar[tuple[KeyRule, ...]]
+    # The processor puts image tokens in front of the text and the prompt has no placeholder (BLIP-2); reported
+    # by GetModelInfo so that clients know how to write prompts. `check_prompt` / `prompt_token_ids` enforce it.
+    images_before_text: ClassVar[bool] = False
     # Vision-half submodules Hugging Face keeps in float32 when the model runs in float16 (its
     # `_keep_in_fp32_modules`, e.g. BLIP-2's QFormer; HF applies them to float16 only, so do we): names inside the
     # vision module, matched as prefixes.

@@ -106,6 +106,7 @@ class QFormerFamily(ModelFamily):
     """What BLIP-2 and InstructBLIP share: the split, the features, the prompt layout, the refusals."""
 
     vision_class: ClassVar[type[QFormerVision]]
+    images_before_text = True
     key_rules = (
         key_rule(r"^(?=vision_model\.|query_tokens$|qformer\.|language_projection\.)", "vision"),
         *CAUSAL_LM_KEY_RULES,

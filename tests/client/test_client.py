@@ -32,6 +32,7 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServicer):
     def __init__(self) -> None:
         self.requests: list[generator_pb2.GenerateRequest] = []
         self.cancelled = threading.Event()
+        self.info = encoder_pb2.ModelInfo(model_id="fake-generator", image_placeholder="<image>", max_context=4096)
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[generator_pb2.GenerateResponse]:
         self.requests.append(request)
@@ -51,7 +52,7 @@ class FakeGenerator(generator_pb2_grpc.GeneratorServicer):
         yield generator_pb2.GenerateResponse(finish_reason=generator_pb2.FINISH_REASON_LENGTH, usage=usage)
 
     async def GetModelInfo(self, request: Any, context: Any) -> encoder_pb2.ModelInfo:
-        return encoder_pb2.ModelInfo(model_id="fake-generator", image_placeholder="<image>", max_context=4096)
+        return self.info
 
 
 class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
@@ -59,8 +60,10 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
 
     def __init__(self) -> None:
         self.seen: set[str] = set()
+        self.instructions: list[str] = []
 
     async def Encode(self, request: Any, context: Any) -> encoder_pb2.EncodeResponse:
+        self.instructions.append(request.instruction)
         out = []
         for image in request.images:
             key = image.embedding_key or hashlib.sha256(image.data).hexdigest()
@@ -224,6 +227,16 @@ def test_cli_generate_prepends_one_placeholder_per_image(fakes: Fakes, tmp_path:
     assert "finish_reason=length" in err and "completion_tokens=2" in err and "image_tokens=1152" in err
 
 
+def test_cli_generate_leaves_the_prompt_alone_where_placeholders_are_not_wanted(fakes: Fakes, tmp_path: Path) -> None:
+    (tmp_path / "cat.jpg").write_bytes(IMAGE)
+    image = ["--image", str(tmp_path / "cat.jpg")]
+    assert main(["generate", "--address", fakes.address, *image, "USER: <image>\nDescribe it."]) == 0
+    assert fakes.generator.requests[-1].prompt == "USER: <image>\nDescribe it."  # the caller placed it
+    fakes.generator.info = encoder_pb2.ModelInfo(image_placeholder="<image>", images_before_text=True)  # BLIP-2
+    assert main(["generate", "--address", fakes.address, *image, "Question: what is it? Answer:"]) == 0
+    assert fakes.generator.requests[-1].prompt == "Question: what is it? Answer:"
+
+
 def test_cli_generate_chat_sends_a_user_turn_images_first(fakes: Fakes, tmp_path: Path) -> None:
     (tmp_path / "cat.jpg").write_bytes(IMAGE)
     assert main(["generate", "--address", fakes.address, "--chat", "--image", str(tmp_path / "cat.jpg"), "Hi?"]) == 0
@@ -253,6 +266,9 @@ def test_cli_encode_and_info(fakes: Fakes, tmp_path: Path, capsys: Any) -> None:
         f"key={key} cache_hit=false num_tokens=576 image={image}",
         f"key={key} cache_hit=true num_tokens=576 image={image}",
     ]
+    assert main(["encode", "--address", fakes.address, "--instruction", "What is it?", image]) == 0
+    assert fakes.encoder.instructions[-2:] == ["", "What is it?"]  # one Encode call each
+    capsys.readouterr()
     assert main(["info", "--service", "encoder", "--address", fakes.address]) == 0
     assert "model_id: fake-encoder" in capsys.readouterr().out.splitlines()
 
