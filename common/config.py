@@ -234,7 +234,12 @@ class _Flags:
 
 
 def _add_model_flags(flags: _Flags) -> None:
-    flags.add("--model", required=True, help="LLaVA checkpoint: a local Hugging Face directory or a hub id")
+    flags.add(
+        "--model",
+        required=True,
+        help="checkpoint of a supported family (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP): a local Hugging Face "
+        "directory or a hub id",
+    )
     flags.add("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     flags.add("--device", default=default_of(ModelConfig, "device"), help="cpu, cuda or cuda:N")
     flags.add("--dtype", default=default_of(ModelConfig, "dtype"), choices=DTYPES, help="weights and activations dtype")
@@ -320,7 +325,8 @@ def _cache(args: argparse.Namespace) -> CacheConfig:
 def encoder_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m encoder_service",
-        description="mmserve encoder: images -> projected LLaVA image embeddings over gRPC, cached by content.",
+        description="mmserve encoder: images -> projected image embeddings of a vision-language checkpoint over "
+        "gRPC, cached by content.",
     )
     flags = _Flags(parser, os.environ if environ is None else environ)
     _add_model_flags(flags)
@@ -386,8 +392,8 @@ def encoder_config_from_args(
 def generator_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m generator_service",
-        description="mmserve generator: streams LLaVA generations over gRPC with a paged KV cache and "
-        "continuous batching; images are encoded by the encoder service (or in-process).",
+        description="mmserve generator: streams a vision-language model's generations over gRPC with a paged KV "
+        "cache and continuous batching; images are encoded by the encoder service (or in-process).",
     )
     flags = _Flags(parser, os.environ if environ is None else environ)
     _add_model_flags(flags)

@@ -126,7 +126,7 @@ def test_model_volume_is_read_only_and_holds_the_model() -> None:
         assert mode == "ro"
         model = environment(name)["MMSERVE_MODEL"]
         assert model == target or model.startswith(target + "/")
-        assert source == "./.cache/models/demo-llava-tiny"  # `make demo-model` builds it: `make up` works out of the box
+        assert source == "./.cache/models/demo-llava-tiny"  # `make demo-model` builds it: `make up` just works
 
 
 def test_commented_gpu_reservation_parses_when_enabled() -> None:
