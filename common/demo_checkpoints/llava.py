@@ -7,6 +7,8 @@ a chat template.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     SiglipImageProcessorPil,
 )
 
@@ -54,17 +59,29 @@ CHAT_TEMPLATE = (
 )
 
 
-def build(
+@dataclass(frozen=True)
+class LlavaLike:
+    """What differs between the LLaVA-style builders (LLaVA, LLaVA-NeXT): names, classes, processor, settings."""
+
+    family: str
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    processor: Callable[[str, SizePreset, PreTrainedTokenizerFast, str], ProcessorMixin]
+    extra_settings: Callable[[SizePreset], dict[str, Any]] = lambda preset: {}
+
+
+def build_llava_like(
+    kind: LlavaLike,
     out_dir: str | Path,
     *,
-    vision: str = "clip",
-    text: str = "llama",
-    size: str = "tiny",
-    seed: int = 0,
-    vision_feature_layer: int | list[int] = -2,
-    vision_feature_select_strategy: str | None = None,
+    vision: str,
+    text: str,
+    size: str,
+    seed: int,
+    vision_feature_layer: int | list[int],
+    vision_feature_select_strategy: str | None,
 ) -> Path:
-    """Write a random-weight LLaVA checkpoint to `out_dir` and return its path. Same arguments, same files."""
+    """Write a random-weight checkpoint of a LLaVA-style `kind` and return its path. Same arguments, same files."""
     check_choice("text", text, TEXT_CHOICES)
     preset = size_preset(size)
     # CLIP has a CLS token that LLaVA's "default" strategy drops; SigLIP has none and uses "full".
@@ -79,13 +96,37 @@ def build(
         vision_feature_select_strategy=strategy,
         image_seq_length=(preset.image_size // preset.patch_size) ** 2,
         initializer_range=preset.initializer_range,
+        **kind.extra_settings(preset),
     )
-    config = LlavaConfig(**settings)
+    config = kind.config_class(**settings)
     set_special_ids(config, special_ids)
     seeded(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    description: dict[str, Any] = {"family": "llava", "vision": vision, "text": text, "size": size, "seed": seed}
-    return save_checkpoint(out_dir, model, processor(vision, preset, tokenizer, strategy), description)
+    model = kind.model_class(config).eval()
+    description: dict[str, Any] = {"family": kind.family, "vision": vision, "text": text, "size": size, "seed": seed}
+    return save_checkpoint(out_dir, model, kind.processor(vision, preset, tokenizer, strategy), description)
+
+
+def build(
+    out_dir: str | Path,
+    *,
+    vision: str = "clip",
+    text: str = "llama",
+    size: str = "tiny",
+    seed: int = 0,
+    vision_feature_layer: int | list[int] = -2,
+    vision_feature_select_strategy: str | None = None,
+) -> Path:
+    """Write a random-weight LLaVA checkpoint to `out_dir` and return its path. Same arguments, same files."""
+    return build_llava_like(
+        LLAVA,
+        out_dir,
+        vision=vision,
+        text=text,
+        size=size,
+        seed=seed,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy=vision_feature_select_strategy,
+    )
 
 
 def processor(vision: str, preset: SizePreset, tokenizer: PreTrainedTokenizerFast, strategy: str) -> LlavaProcessor:
@@ -104,3 +145,6 @@ def processor(vision: str, preset: SizePreset, tokenizer: PreTrainedTokenizerFas
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if vision == "clip" else 0,
     )
+
+
+LLAVA = LlavaLike("llava", LlavaConfig, LlavaForConditionalGeneration, processor)

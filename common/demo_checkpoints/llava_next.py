@@ -12,7 +12,6 @@ tiny tower's side, so images of different sizes and aspect ratios really get dif
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from transformers import (
     LlavaNextConfig,
@@ -22,21 +21,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.demo_checkpoints.parts import (
-    IMAGE_TOKEN,
-    SizePreset,
-    build_tokenizer,
-    check_choice,
-    save_checkpoint,
-    seeded,
-    set_special_ids,
-    size_preset,
-    special_token_ids,
-    text_config,
-    vision_config,
-)
-
-TEXT_CHOICES = ("mistral", "llama", "qwen2")
+from common.demo_checkpoints.llava import LlavaLike, build_llava_like
+from common.demo_checkpoints.parts import IMAGE_TOKEN, SizePreset
 
 # llava-v1.6-mistral's layout: "[INST] <image>\n<text> [/INST]". Images of a message come before its text; the
 # assistant's turns end with the EOS token.
@@ -76,28 +62,16 @@ def build(
     vision_feature_select_strategy: str | None = None,
 ) -> Path:
     """Write a random-weight LLaVA-NeXT checkpoint to `out_dir` and return its path. Same arguments, same files."""
-    check_choice("text", text, TEXT_CHOICES)
-    preset = size_preset(size)
-    # CLIP has a CLS token that the "default" strategy drops; SigLIP has none and uses "full".
-    strategy = vision_feature_select_strategy or ("default" if vision == "clip" else "full")
-    tokenizer = build_tokenizer(preset.vocab_size)
-    special_ids = special_token_ids(tokenizer)
-    settings: dict[str, Any] = dict(
-        vision_config=vision_config(vision, preset),
-        text_config=text_config(text, preset, len(tokenizer), special_ids),
-        image_token_index=special_ids[IMAGE_TOKEN],
+    return build_llava_like(
+        LLAVA_NEXT,
+        out_dir,
+        vision=vision,
+        text=text,
+        size=size,
+        seed=seed,
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=strategy,
-        image_grid_pinpoints=grid_pinpoints(preset.image_size),
-        image_seq_length=(preset.image_size // preset.patch_size) ** 2,
-        initializer_range=preset.initializer_range,
+        vision_feature_select_strategy=vision_feature_select_strategy,
     )
-    config = LlavaNextConfig(**settings)
-    set_special_ids(config, special_ids)
-    seeded(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    description: dict[str, Any] = {"family": "llava_next", "vision": vision, "text": text, "size": size, "seed": seed}
-    return save_checkpoint(out_dir, model, processor(vision, preset, tokenizer, strategy), description)
 
 
 def processor(vision: str, preset: SizePreset, tokenizer: PreTrainedTokenizerFast, strategy: str) -> LlavaNextProcessor:
@@ -117,3 +91,12 @@ def processor(vision: str, preset: SizePreset, tokenizer: PreTrainedTokenizerFas
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if vision == "clip" else 0,
     )
+
+
+LLAVA_NEXT = LlavaLike(
+    "llava_next",
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    processor,
+    extra_settings=lambda preset: {"image_grid_pinpoints": grid_pinpoints(preset.image_size)},
+)

@@ -31,6 +31,7 @@ from common.images.cache import EmbeddingCache
 from common.images.errors import (
     CacheUnavailableError,
     EmbeddingNotFoundError,
+    ImageDeadlineError,
     ImageError,
     ImageUnavailableError,
     InvalidImageError,
@@ -76,6 +77,9 @@ class ResolvedImage:
 
 
 _Found = asyncio.Future[ResolvedImage]  # one key's outcome in a flight
+# Outcomes a flight gives for reasons of the request that started it (another image of its encoder call was bad, or
+# its deadline passed): a request that only joined the flight tries the image again on its own.
+_NOT_MINE = (SkippedImageError, ImageDeadlineError)
 
 
 class ImageEncoder(Protocol):
@@ -217,7 +221,7 @@ class EmbeddingProvider:
         outcomes: dict[str, ResolvedImage | ImageError] = {}
         for key in by_key:
             outcome = await _outcome(futures.get(key) or joined[key])
-            if isinstance(outcome, SkippedImageError) and key in joined:  # another request's bad image stopped it
+            if key in joined and isinstance(outcome, _NOT_MINE):  # the other request's failure, not this image's
                 outcome = (await self._embeddings([key], [by_key[key]], deadline))[key]
             outcomes[key] = outcome
         return outcomes
@@ -227,13 +231,12 @@ class EmbeddingProvider:
         for key, future in futures.items():
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
-            if future.done():
-                continue
-            if flight.cancelled():  # only at shutdown
-                future.set_exception(ImageUnavailableError("the image service is shutting down; retry later"))
-            else:
-                future.set_exception(flight.exception() or RuntimeError("flight ended without an outcome"))
-            future.exception()  # retrieved: no "never retrieved" noise when nobody joined
+            if not future.done():
+                if flight.cancelled():  # only at shutdown
+                    future.set_exception(ImageUnavailableError("the image service is shutting down; retry later"))
+                else:
+                    future.set_exception(flight.exception() or RuntimeError("flight ended without an outcome"))
+            future.exception()  # retrieved: no "never retrieved" noise when nobody was left waiting
 
     async def _flight(
         self,

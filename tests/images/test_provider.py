@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -18,6 +19,7 @@ from common.images.cache import LocalEmbeddingCache
 from common.images.errors import (
     CacheUnavailableError,
     EmbeddingNotFoundError,
+    ImageDeadlineError,
     ImageError,
     ImageUnavailableError,
     InvalidImageError,
@@ -53,6 +55,8 @@ class ScriptedEncoder:
     async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[torch.Tensor | ImageError]:
         self.calls.append([item.data or b"" for item in items])
         await self.gate.wait()
+        if deadline is not None and time.monotonic() > deadline:
+            raise ImageDeadlineError("the deadline passed while the images were being encoded")
         for position, item in enumerate(items):
             if (item.data or b"").startswith(b"bad"):
                 raise InvalidImageError("not an image", index=position)
@@ -157,6 +161,26 @@ def test_a_bad_image_names_its_request_index_and_spares_the_images_of_other_requ
 
     asyncio.run(scenario())
     assert encoder.calls == [[b"ok-1", b"shared", b"bad"], [b"shared"]]
+
+
+def test_a_request_that_joined_a_flight_is_not_bound_by_the_leaders_deadline() -> None:
+    encoder = ScriptedEncoder()
+    encoder.gate.clear()
+    images = provider(encoder, CacheLayer("local", LocalEmbeddingCache(1 << 20)))
+
+    async def scenario() -> None:
+        hurried = asyncio.ensure_future(images.resolve([ImageSource(data=b"cat")], time.monotonic() + 0.01))
+        await asyncio.sleep(0)
+        patient = asyncio.ensure_future(images.resolve([ImageSource(data=b"cat")], time.monotonic() + 60))
+        await asyncio.sleep(0.05)
+        encoder.gate.set()
+        with pytest.raises(ImageDeadlineError):
+            await hurried
+        (cat,) = await patient  # its own deadline is far: the image is encoded again for it
+        assert torch.equal(cat.embedding, embedding_of(b"cat"))
+
+    asyncio.run(scenario())
+    assert encoder.calls == [[b"cat"], [b"cat"]]
 
 
 def test_bad_input_is_refused_before_any_lookup() -> None:
