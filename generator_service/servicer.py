@@ -63,6 +63,18 @@ def sampling_from_proto(message: generator_pb2.SamplingParams) -> SamplingParams
     return SamplingParams(stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids), **kwargs)
 
 
+def _ended_by_client(context: grpc.aio.ServicerContext) -> str | None:
+    """"DEADLINE_EXCEEDED" or "CANCELLED" when the client's deadline or cancel has ended the call, else None.
+
+    A deadline ends the call when the server's clock says it passed; allow a little slack for the rounding between
+    the client's and the server's deadline clocks.
+    """
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED" if context.cancelled() else None
+
+
 def image_source(image: encoder_pb2.ImageInput, condition: str | None) -> ImageSource:
     """An ImageInput of a request -> the image path's ImageSource (neither data nor key: refused there)."""
     source = image.WhichOneof("source")
@@ -212,13 +224,15 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         except RpcError as exc:
             error = exc
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            # A deadline cancels the handler when the server's clock says it passed; allow a little slack for
-            # the rounding between the client's and the server's deadline clocks.
-            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-            call.status = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+            call.status = _ended_by_client(context) or "CANCELLED"
             raise
         except Exception:
+            ended = _ended_by_client(context)
+            if ended is not None:
+                # The deadline or cancel landed during a write, which then fails instead of being cancelled:
+                # the client has gone, there is nobody to answer.
+                call.status = ended
+                return
             logger.exception("request failed", extra={"request_id": call.request_id})
             error = RpcError(
                 grpc.StatusCode.INTERNAL, f"internal error (request id {call.request_id}); see the server log"
