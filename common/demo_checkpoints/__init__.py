@@ -3,8 +3,8 @@
     build_checkpoint(out_dir, family="llava", vision="clip", text="llama", size="tiny", seed=0, **options)
 
 Tests, the demo and the benchmarks use them: each loads offline with the HF auto classes and the family's own
-processor, like a hub checkpoint of that family. To add a family's builder: a module here with a `build(out_dir,
-*, vision, text, size, seed, **options) -> Path` function, and its entry in `BUILDERS`.
+processor, like a hub checkpoint of that family. To add a family's builder: a module here with a function like
+`build(out_dir, *, vision, text, size, seed, **options) -> Path`, and its entry in `BUILDERS`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ Builder = Callable[..., Path]
 
 # family name -> (builder, its default language model)
 BUILDERS: dict[str, tuple[Builder, str]] = {
-    "llava": (llava.build, "llama"),
+    "llava": (llava.LLAVA.build, "llama"),
     "blip2": (blip2.build_blip2, "opt"),
     "instructblip": (blip2.build_instructblip, "llama"),
-    "llava_next": (llava_next.build, "mistral"),
+    "llava_next": (llava_next.LLAVA_NEXT.build, "mistral"),
 }
 
 

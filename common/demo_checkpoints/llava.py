@@ -61,7 +61,7 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class LlavaLike:
-    """What differs between the LLaVA-style builders (LLaVA, LLaVA-NeXT): names, classes, processor, settings."""
+    """A LLaVA-style checkpoint kind (LLaVA, LLaVA-NeXT): names, classes, processor and extra config settings."""
 
     family: str
     config_class: type[PretrainedConfig]
@@ -69,64 +69,40 @@ class LlavaLike:
     processor: Callable[[str, SizePreset, PreTrainedTokenizerFast, str], ProcessorMixin]
     extra_settings: Callable[[SizePreset], dict[str, Any]] = lambda preset: {}
 
-
-def build_llava_like(
-    kind: LlavaLike,
-    out_dir: str | Path,
-    *,
-    vision: str,
-    text: str,
-    size: str,
-    seed: int,
-    vision_feature_layer: int | list[int],
-    vision_feature_select_strategy: str | None,
-) -> Path:
-    """Write a random-weight checkpoint of a LLaVA-style `kind` and return its path. Same arguments, same files."""
-    check_choice("text", text, TEXT_CHOICES)
-    preset = size_preset(size)
-    # CLIP has a CLS token that LLaVA's "default" strategy drops; SigLIP has none and uses "full".
-    strategy = vision_feature_select_strategy or ("default" if vision == "clip" else "full")
-    tokenizer = build_tokenizer(preset.vocab_size)
-    special_ids = special_token_ids(tokenizer)
-    settings: dict[str, Any] = dict(
-        vision_config=vision_config(vision, preset),
-        text_config=text_config(text, preset, len(tokenizer), special_ids),
-        image_token_index=special_ids[IMAGE_TOKEN],
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=strategy,
-        image_seq_length=(preset.image_size // preset.patch_size) ** 2,
-        initializer_range=preset.initializer_range,
-        **kind.extra_settings(preset),
-    )
-    config = kind.config_class(**settings)
-    set_special_ids(config, special_ids)
-    seeded(seed)
-    model = kind.model_class(config).eval()
-    description: dict[str, Any] = {"family": kind.family, "vision": vision, "text": text, "size": size, "seed": seed}
-    return save_checkpoint(out_dir, model, kind.processor(vision, preset, tokenizer, strategy), description)
-
-
-def build(
-    out_dir: str | Path,
-    *,
-    vision: str = "clip",
-    text: str = "llama",
-    size: str = "tiny",
-    seed: int = 0,
-    vision_feature_layer: int | list[int] = -2,
-    vision_feature_select_strategy: str | None = None,
-) -> Path:
-    """Write a random-weight LLaVA checkpoint to `out_dir` and return its path. Same arguments, same files."""
-    return build_llava_like(
-        LLAVA,
-        out_dir,
-        vision=vision,
-        text=text,
-        size=size,
-        seed=seed,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=vision_feature_select_strategy,
-    )
+    def build(
+        self,
+        out_dir: str | Path,
+        *,
+        vision: str = "clip",
+        text: str = "llama",
+        size: str = "tiny",
+        seed: int = 0,
+        vision_feature_layer: int | list[int] = -2,
+        vision_feature_select_strategy: str | None = None,
+    ) -> Path:
+        """Write a random-weight checkpoint of this kind and return its path. Same arguments, same files."""
+        check_choice("text", text, TEXT_CHOICES)
+        preset = size_preset(size)
+        # CLIP has a CLS token that LLaVA's "default" strategy drops; SigLIP has none and uses "full".
+        strategy = vision_feature_select_strategy or ("default" if vision == "clip" else "full")
+        tokenizer = build_tokenizer(preset.vocab_size)
+        special_ids = special_token_ids(tokenizer)
+        settings: dict[str, Any] = dict(
+            vision_config=vision_config(vision, preset),
+            text_config=text_config(text, preset, len(tokenizer), special_ids),
+            image_token_index=special_ids[IMAGE_TOKEN],
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=strategy,
+            image_seq_length=(preset.image_size // preset.patch_size) ** 2,
+            initializer_range=preset.initializer_range,
+            **self.extra_settings(preset),
+        )
+        config = self.config_class(**settings)
+        set_special_ids(config, special_ids)
+        seeded(seed)
+        model = self.model_class(config).eval()
+        description = {"family": self.family, "vision": vision, "text": text, "size": size, "seed": seed}
+        return save_checkpoint(out_dir, model, self.processor(vision, preset, tokenizer, strategy), description)
 
 
 def processor(vision: str, preset: SizePreset, tokenizer: PreTrainedTokenizerFast, strategy: str) -> LlavaProcessor:

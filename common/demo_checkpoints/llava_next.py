@@ -11,8 +11,6 @@ tiny tower's side, so images of different sizes and aspect ratios really get dif
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -21,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from common.demo_checkpoints.llava import LlavaLike, build_llava_like
+from common.demo_checkpoints.llava import LlavaLike
 from common.demo_checkpoints.parts import IMAGE_TOKEN, SizePreset
 
 # llava-v1.6-mistral's layout: "[INST] <image>\n<text> [/INST]". Images of a message come before its text; the
@@ -49,29 +47,6 @@ GRID_IN_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 def grid_pinpoints(tile: int) -> list[list[int]]:
     return [[rows * tile, cols * tile] for rows, cols in GRID_IN_TILES]
-
-
-def build(
-    out_dir: str | Path,
-    *,
-    vision: str = "clip",
-    text: str = "mistral",
-    size: str = "tiny",
-    seed: int = 0,
-    vision_feature_layer: int | list[int] = -2,
-    vision_feature_select_strategy: str | None = None,
-) -> Path:
-    """Write a random-weight LLaVA-NeXT checkpoint to `out_dir` and return its path. Same arguments, same files."""
-    return build_llava_like(
-        LLAVA_NEXT,
-        out_dir,
-        vision=vision,
-        text=text,
-        size=size,
-        seed=seed,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=vision_feature_select_strategy,
-    )
 
 
 def processor(vision: str, preset: SizePreset, tokenizer: PreTrainedTokenizerFast, strategy: str) -> LlavaNextProcessor:
