@@ -1,4 +1,4 @@
-"""Dynamic batching of single-image encodes, and single flight per image key. No grpc, no redis.
+"""Dynamic batching of single-image encodes. No grpc, no redis (single flight per key is the provider's).
 
     submit(image) ──▶ asyncio queue ──▶ batch loop ──▶ run_batch([image, ...]) on ONE worker thread
          ▲                                    │
@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -177,33 +177,3 @@ def _group_by_shape(items: list[_Item]) -> list[list[_Item]]:
     for item in items:
         groups.setdefault(item.image.batch_signature, []).append(item)
     return list(groups.values())
-
-
-class SingleFlight(Generic[_T]):
-    """At most one in-flight computation per key; concurrent callers of the same key share its result.
-
-    The computation runs as its own task, so a caller that is cancelled does not cancel it for the others
-    (and its result still reaches the cache). An exception is delivered to every caller of that flight.
-    """
-
-    def __init__(self) -> None:
-        self._flights: dict[str, asyncio.Task[_T]] = {}
-
-    def __len__(self) -> int:
-        return len(self._flights)
-
-    async def run(self, key: str, compute: Callable[[], Awaitable[_T]]) -> tuple[_T, bool]:
-        """(result, leader): `leader` is False when this call joined a computation already in flight."""
-        task = self._flights.get(key)
-        leader = task is None
-        if task is None:
-            task = asyncio.ensure_future(compute())
-            self._flights[key] = task
-            task.add_done_callback(lambda done: self._finish(key, done))
-        return await asyncio.shield(task), leader
-
-    def _finish(self, key: str, task: asyncio.Task[_T]) -> None:
-        if self._flights.get(key) is task:
-            del self._flights[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved" noise when every caller left

@@ -1,4 +1,4 @@
-"""DynamicBatcher (batch size, wait, shapes, failures, close) and SingleFlight, with a fake model."""
+"""DynamicBatcher (batch size, wait, shapes, failures, close), with a fake model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from common.images.batcher import BatcherClosedError, DynamicBatcher, SingleFlight
+from common.images.batcher import BatcherClosedError, DynamicBatcher
 from common.models.base import PreparedImage, collate
 
 
@@ -148,37 +148,6 @@ def test_close_finishes_the_running_batch_and_fails_queued_items() -> None:
     results = asyncio.run(scenario())
     assert isinstance(results[0], torch.Tensor) and results[0].item() == 0.0
     assert all(isinstance(r, BatcherClosedError) for r in results[1:])
-
-
-def test_single_flight_runs_once_per_key_and_shares_results_and_errors() -> None:
-    calls: list[str] = []
-
-    async def compute(key: str) -> str:
-        calls.append(key)
-        await asyncio.sleep(0.05)
-        if key == "bad":
-            raise ValueError("bad image")
-        return key.upper()
-
-    async def scenario() -> None:
-        flights: SingleFlight[str] = SingleFlight()
-        results = await asyncio.gather(*(flights.run("a", lambda: compute("a")) for _ in range(16)))
-        assert [value for value, _ in results] == ["A"] * 16
-        assert sum(leader for _, leader in results) == 1
-        errors = await asyncio.gather(*(flights.run("bad", lambda: compute("bad")) for _ in range(3)),
-                                      return_exceptions=True)
-        assert all(isinstance(e, ValueError) for e in errors)
-        # A cancelled caller does not cancel the flight for the others.
-        first = asyncio.ensure_future(flights.run("c", lambda: compute("c")))
-        second = asyncio.ensure_future(flights.run("c", lambda: compute("c")))
-        await asyncio.sleep(0.01)
-        first.cancel()
-        assert (await second) == ("C", False)
-        assert len(flights) == 0  # finished flights are forgotten: the next call computes again
-        await flights.run("a", lambda: compute("a"))
-
-    asyncio.run(scenario())
-    assert calls == ["a", "bad", "c", "a"]
 
 
 def test_a_batch_waits_for_images_still_being_decoded() -> None:
