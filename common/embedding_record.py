@@ -5,7 +5,8 @@
     6       1     format version (2)
     7       4     header length N (uint32, little-endian)
     11      N     header: UTF-8 JSON
-                  {"dtype": "float16", "shape": [576, 4096], "fingerprint": "<hex>", "key": "<hex>"}
+                  {"dtype": "float16", "shape": [576, 4096], "fingerprint": "<hex>", "key": "<hex>"
+                   [, "layout": [1, 16, 22]]}   (the family's image layout; absent = none)
     11+N    ...   raw little-endian row-major tensor bytes (exactly prod(shape) * itemsize)
 
 Every field is verified on read: a record with a wrong magic, version, header, fingerprint, image key or
@@ -41,6 +42,7 @@ class EmbeddingRecord:
     fingerprint: str
     key: str
     data: bytes
+    layout: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in ITEMSIZE:
@@ -52,13 +54,20 @@ class EmbeddingRecord:
         expected = math.prod(self.shape) * ITEMSIZE[self.dtype]
         if len(self.data) != expected:
             raise RecordError(f"payload is {len(self.data)} bytes, shape {list(self.shape)} needs {expected}")
+        if any(value < 0 for value in self.layout):
+            raise RecordError(f"layout must be non-negative integers, got {list(self.layout)}")
 
 
 def encode_record(record: EmbeddingRecord) -> bytes:
-    header = json.dumps(
-        {"dtype": record.dtype, "shape": list(record.shape), "fingerprint": record.fingerprint, "key": record.key},
-        separators=(",", ":"),
-    ).encode()
+    fields: dict[str, object] = {
+        "dtype": record.dtype,
+        "shape": list(record.shape),
+        "fingerprint": record.fingerprint,
+        "key": record.key,
+    }
+    if record.layout:
+        fields["layout"] = list(record.layout)
+    header = json.dumps(fields, separators=(",", ":")).encode()
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + record.data
 
 
@@ -76,14 +85,22 @@ def decode_record(blob: bytes, expected_fingerprint: str, expected_key: str) -> 
     try:
         header = json.loads(blob[_PREFIX.size : _PREFIX.size + header_len])
         dtype, shape, fingerprint, key = header["dtype"], header["shape"], header["fingerprint"], header["key"]
-    except (ValueError, KeyError, TypeError) as exc:
+        layout = header.get("layout", [])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RecordError(f"unreadable header: {type(exc).__name__}") from None
     if not isinstance(shape, list) or not all(isinstance(dim, int) for dim in shape):
         raise RecordError("header shape is not a list of integers")
+    if not isinstance(layout, list) or not all(isinstance(value, int) for value in layout):
+        raise RecordError("header layout is not a list of integers")
     if fingerprint != expected_fingerprint:
         raise RecordError("record was written by a different encoder (fingerprint mismatch)")
     if key != expected_key:
         raise RecordError("record belongs to another image key")
     return EmbeddingRecord(
-        dtype=str(dtype), shape=tuple(shape), fingerprint=fingerprint, key=key, data=blob[_PREFIX.size + header_len :]
+        dtype=str(dtype),
+        shape=tuple(shape),
+        fingerprint=fingerprint,
+        key=key,
+        data=blob[_PREFIX.size + header_len :],
+        layout=tuple(layout),
     )

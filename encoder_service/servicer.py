@@ -187,7 +187,11 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     def _to_proto(result: ResolvedImage, return_embeddings: bool) -> encoder_pb2.EncodedImage:
         num_tokens, hidden_size = result.embedding.shape
         message = encoder_pb2.EncodedImage(
-            embedding_key=result.key, cache_hit=result.cache_hit, num_tokens=num_tokens, hidden_size=hidden_size
+            embedding_key=result.key,
+            cache_hit=result.cache_hit,
+            num_tokens=num_tokens,
+            hidden_size=hidden_size,
+            layout=result.layout,
         )
         if return_embeddings:
             message.embedding.CopyFrom(tensor_to_proto(result.embedding))

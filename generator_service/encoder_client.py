@@ -24,10 +24,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import grpc
-import torch
 
 from common.checkpoint import encoder_fingerprint
 from common.config import ConfigError
+from common.images.embedding import ImageEmbedding
 from common.images.errors import (
     EmbeddingNotFoundError,
     EncoderOverloadedError,
@@ -186,9 +186,9 @@ class RemoteEncoder:
 
     # ---- encode and fetch ----------------------------------------------------------------------------------
 
-    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[torch.Tensor | ImageError]:
+    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[ImageEmbedding | ImageError]:
         """One Encode call per instruction (usually one in all); raises an ImageError for a failed call."""
-        outcomes: dict[int, torch.Tensor | ImageError] = {}
+        outcomes: dict[int, ImageEmbedding | ImageError] = {}
         by_condition: dict[str | None, list[int]] = {}
         for position, item in enumerate(items):
             by_condition.setdefault(item.condition, []).append(position)
@@ -208,7 +208,7 @@ class RemoteEncoder:
             outcomes.update(zip(positions, embeddings, strict=True))
         return [outcomes[position] for position in range(len(items))]
 
-    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[torch.Tensor]:
+    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[ImageEmbedding]:
         request = encoder_pb2.EncodeRequest(
             images=[encoder_pb2.ImageInput(embedding_key=key) for key in keys], return_embeddings=True
         )
@@ -216,7 +216,7 @@ class RemoteEncoder:
 
     async def _encode(
         self, keys: list[str], request: encoder_pb2.EncodeRequest, deadline: float | None
-    ) -> list[torch.Tensor]:
+    ) -> list[ImageEmbedding]:
         timeout = self.timeout_s
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
@@ -229,7 +229,7 @@ class RemoteEncoder:
             raise self._domain_error(exc, deadline) from None
         return self._embeddings(keys, response)
 
-    def _embeddings(self, keys: list[str], response: encoder_pb2.EncodeResponse) -> list[torch.Tensor]:
+    def _embeddings(self, keys: list[str], response: encoder_pb2.EncodeResponse) -> list[ImageEmbedding]:
         if len(response.images) != len(keys):
             raise self._bad_answer(f"answered {len(response.images)} images for {len(keys)}")
         embeddings = []
@@ -245,7 +245,7 @@ class RemoteEncoder:
             if not item.HasField("embedding"):
                 raise self._bad_answer("returned no embedding although return_embeddings was set")
             try:
-                embeddings.append(tensor_from_proto(item.embedding))
+                embeddings.append(ImageEmbedding(tensor_from_proto(item.embedding), tuple(item.layout)))
             except TensorDecodeError as exc:
                 raise self._bad_answer(f"returned an unreadable tensor: {exc}") from None
         return embeddings

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/encoder.proto\x12\x12mmserve.encoder.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x17\n\rembedding_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"o\n\rEncodeRequest\x12.\n\x06images\x18\x01 \x03(\x0b\x32\x1e.mmserve.encoder.v1.ImageInput\x12\x19\n\x11return_embeddings\x18\x02 \x01(\x08\x12\x13\n\x0binstruction\x18\x03 \x01(\t\"\x90\x01\n\x0c\x45ncodedImage\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12-\n\tembedding\x18\x05 \x01(\x0b\x32\x1a.mmserve.encoder.v1.Tensor\"B\n\x0e\x45ncodeResponse\x12\x30\n\x06images\x18\x01 \x03(\x0b\x32 .mmserve.encoder.v1.EncodedImage\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x19\n\x11image_placeholder\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x16\n\x0eimage_token_id\x18\x08 \x01(\r\x12\x12\n\nimage_size\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x0b \x01(\t\x12\x18\n\x10tokens_per_image\x18\x0c \x01(\r\x12.\n&image_embeddings_depend_on_instruction\x18\r \x01(\x08\x12\x1a\n\x12images_before_text\x18\x0e \x01(\x08\x32\xb2\x01\n\x07\x45ncoder\x12O\n\x06\x45ncode\x12!.mmserve.encoder.v1.EncodeRequest\x1a\".mmserve.encoder.v1.EncodeResponse\x12V\n\x0cGetModelInfo\x12\'.mmserve.encoder.v1.GetModelInfoRequest\x1a\x1d.mmserve.encoder.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/encoder.proto\x12\x12mmserve.encoder.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"?\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x17\n\rembedding_key\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"o\n\rEncodeRequest\x12.\n\x06images\x18\x01 \x03(\x0b\x32\x1e.mmserve.encoder.v1.ImageInput\x12\x19\n\x11return_embeddings\x18\x02 \x01(\x08\x12\x13\n\x0binstruction\x18\x03 \x01(\t\"\xa0\x01\n\x0c\x45ncodedImage\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12\x11\n\tcache_hit\x18\x02 \x01(\x08\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12-\n\tembedding\x18\x05 \x01(\x0b\x32\x1a.mmserve.encoder.v1.Tensor\x12\x0e\n\x06layout\x18\x06 \x03(\r\"B\n\x0e\x45ncodeResponse\x12\x30\n\x06images\x18\x01 \x03(\x0b\x32 .mmserve.encoder.v1.EncodedImage\"\x15\n\x13GetModelInfoRequest\"\xc9\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x19\n\x11image_placeholder\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\x16\n\x0eimage_token_id\x18\x08 \x01(\r\x12\x12\n\nimage_size\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x0b \x01(\t\x12\x18\n\x10tokens_per_image\x18\x0c \x01(\r\x12.\n&image_embeddings_depend_on_instruction\x18\r \x01(\x08\x12\x1a\n\x12images_before_text\x18\x0e \x01(\x08\x32\xb2\x01\n\x07\x45ncoder\x12O\n\x06\x45ncode\x12!.mmserve.encoder.v1.EncodeRequest\x1a\".mmserve.encoder.v1.EncodeResponse\x12V\n\x0cGetModelInfo\x12\'.mmserve.encoder.v1.GetModelInfoRequest\x1a\x1d.mmserve.encoder.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODEREQUEST']._serialized_start=163
   _globals['_ENCODEREQUEST']._serialized_end=274
   _globals['_ENCODEDIMAGE']._serialized_start=277
-  _globals['_ENCODEDIMAGE']._serialized_end=421
-  _globals['_ENCODERESPONSE']._serialized_start=423
-  _globals['_ENCODERESPONSE']._serialized_end=489
-  _globals['_GETMODELINFOREQUEST']._serialized_start=491
-  _globals['_GETMODELINFOREQUEST']._serialized_end=512
-  _globals['_MODELINFO']._serialized_start=515
-  _globals['_MODELINFO']._serialized_end=844
-  _globals['_ENCODER']._serialized_start=847
-  _globals['_ENCODER']._serialized_end=1025
+  _globals['_ENCODEDIMAGE']._serialized_end=437
+  _globals['_ENCODERESPONSE']._serialized_start=439
+  _globals['_ENCODERESPONSE']._serialized_end=505
+  _globals['_GETMODELINFOREQUEST']._serialized_start=507
+  _globals['_GETMODELINFOREQUEST']._serialized_end=528
+  _globals['_MODELINFO']._serialized_start=531
+  _globals['_MODELINFO']._serialized_end=860
+  _globals['_ENCODER']._serialized_start=863
+  _globals['_ENCODER']._serialized_end=1041
 # @@protoc_insertion_point(module_scope)

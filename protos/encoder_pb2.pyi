@@ -35,18 +35,20 @@ class EncodeRequest(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., return_embeddings: _Optional[bool] = ..., instruction: _Optional[str] = ...) -> None: ...
 
 class EncodedImage(_message.Message):
-    __slots__ = ("embedding_key", "cache_hit", "num_tokens", "hidden_size", "embedding")
+    __slots__ = ("embedding_key", "cache_hit", "num_tokens", "hidden_size", "embedding", "layout")
     EMBEDDING_KEY_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     embedding_key: str
     cache_hit: bool
     num_tokens: int
     hidden_size: int
     embedding: Tensor
-    def __init__(self, embedding_key: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    layout: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, embedding_key: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., embedding: _Optional[_Union[Tensor, _Mapping]] = ..., layout: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("images",)

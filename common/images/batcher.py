@@ -24,14 +24,13 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import torch
-
+from common.images.embedding import ImageEmbedding
 from common.models.base import PreparedImage
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-RunBatch = Callable[[list[PreparedImage]], list[torch.Tensor]]
+RunBatch = Callable[[list[PreparedImage]], list[ImageEmbedding]]
 
 
 class BatcherClosedError(Exception):
@@ -41,7 +40,7 @@ class BatcherClosedError(Exception):
 @dataclass
 class _Item:
     image: PreparedImage
-    future: asyncio.Future[torch.Tensor]
+    future: asyncio.Future[ImageEmbedding]
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -80,7 +79,7 @@ class DynamicBatcher:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop(), name="mmserve-batcher")
 
-    async def submit(self, image: PreparedImage) -> torch.Tensor:
+    async def submit(self, image: PreparedImage) -> ImageEmbedding:
         """Encode one prepared image; resolves when its batch has run."""
         if self._closed or self._loop_task is None:
             raise BatcherClosedError("the encoder is not running")
@@ -88,7 +87,7 @@ class DynamicBatcher:
         self._queue.put_nowait(item)
         return await item.future
 
-    async def submit_prepared(self, prepare: Callable[[], PreparedImage], executor: Executor) -> torch.Tensor:
+    async def submit_prepared(self, prepare: Callable[[], PreparedImage], executor: Executor) -> ImageEmbedding:
         """Run `prepare()` (decode + preprocess) on `executor`, then `submit` its result.
 
         Exceptions of `prepare` propagate to the caller. While it runs, batches being collected wait for it.
@@ -157,7 +156,7 @@ class DynamicBatcher:
             raise
         self._deliver(items, work, started)
 
-    def _deliver(self, items: list[_Item], work: asyncio.Future[list[torch.Tensor]], started: float) -> None:
+    def _deliver(self, items: list[_Item], work: asyncio.Future[list[ImageEmbedding]], started: float) -> None:
         error = work.exception()
         if error is not None:  # a model failure fails this batch only; the loop keeps serving
             logger.error("encode batch of %d failed: %s: %s", len(items), type(error).__name__, error)

@@ -1,8 +1,8 @@
 """Embedding caches keyed by image key: an in-process LRU and Redis. Shared by the encoder and the generator.
 
 Both implement `EmbeddingCache`. Keys are the hex image keys of `common.hashing.image_key`; values are
-`[num_tokens, hidden_size]` CPU tensors. Nothing here knows about the encoder: owners pass the fingerprint the
-records must carry and hooks for their own metrics.
+`ImageEmbedding`s (a `[rows, hidden_size]` CPU tensor and its layout). Nothing here knows about the encoder:
+owners pass the fingerprint the records must carry and hooks for their own metrics.
 
 Failure policy (the cache is optional, a request never fails because of it):
     get   -> the tensor, None on a miss, or CacheUnavailableError when the backend could not answer in time
@@ -34,6 +34,7 @@ from common.config import CacheConfig
 from common.embedding_record import EmbeddingRecord, RecordError, decode_record, encode_record
 from common.hashing import redis_key
 from common.images.circuit_breaker import CircuitBreaker
+from common.images.embedding import ImageEmbedding
 from common.images.errors import CacheUnavailableError
 from common.tensor_codec import TensorDecodeError, tensor_from_bytes, tensor_to_bytes
 
@@ -45,11 +46,11 @@ _DELETE_IF_UNCHANGED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return red
 
 
 class EmbeddingCache(Protocol):
-    async def get(self, key: str) -> torch.Tensor | None:
+    async def get(self, key: str) -> ImageEmbedding | None:
         """The embedding stored under image `key`, None on a miss; raises CacheUnavailableError when unsure."""
         ...
 
-    async def put(self, key: str, embedding: torch.Tensor) -> None:
+    async def put(self, key: str, embedding: ImageEmbedding) -> None:
         """Store best-effort; never raises for backend faults."""
         ...
 
@@ -60,21 +61,17 @@ class EmbeddingCache(Protocol):
     async def close(self) -> None: ...
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 class LocalEmbeddingCache:
     """In-process LRU bounded in bytes (tensor payload), thread-safe. Capacity 0 stores nothing.
 
-    Returned tensors are the stored objects: callers must not modify them in place.
+    Returned embeddings are the stored objects: callers must not modify their tensors in place.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes ({capacity_bytes}) must be >= 0")
         self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._size_bytes = 0
         self._lock = threading.Lock()
 
@@ -85,32 +82,32 @@ class LocalEmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_sync(self, key: str) -> torch.Tensor | None:
+    def get_sync(self, key: str) -> ImageEmbedding | None:
         with self._lock:
-            tensor = self._entries.get(key)
-            if tensor is not None:
+            embedding = self._entries.get(key)
+            if embedding is not None:
                 self._entries.move_to_end(key)
-            return tensor
+            return embedding
 
-    def put_sync(self, key: str, embedding: torch.Tensor) -> None:
-        size = _nbytes(embedding)
+    def put_sync(self, key: str, embedding: ImageEmbedding) -> None:
+        size = embedding.nbytes
         if size > self.capacity_bytes:
             return  # would evict everything and still not fit
-        stored = embedding.detach().to("cpu")
+        stored = ImageEmbedding(embedding.tensor.detach().to("cpu"), embedding.layout)
         with self._lock:
             previous = self._entries.pop(key, None)
             if previous is not None:
-                self._size_bytes -= _nbytes(previous)
+                self._size_bytes -= previous.nbytes
             self._entries[key] = stored
             self._size_bytes += size
             while self._size_bytes > self.capacity_bytes:
                 _, evicted = self._entries.popitem(last=False)  # least recently used first
-                self._size_bytes -= _nbytes(evicted)
+                self._size_bytes -= evicted.nbytes
 
-    async def get(self, key: str) -> torch.Tensor | None:
+    async def get(self, key: str) -> ImageEmbedding | None:
         return self.get_sync(key)
 
-    async def put(self, key: str, embedding: torch.Tensor) -> None:
+    async def put(self, key: str, embedding: ImageEmbedding) -> None:
         self.put_sync(key, embedding)
 
     def use_fingerprint(self, fingerprint: str) -> None:
@@ -181,7 +178,7 @@ class RedisEmbeddingCache:
             **kwargs,  # type: ignore[arg-type]
         )
 
-    async def get(self, key: str) -> torch.Tensor | None:
+    async def get(self, key: str) -> ImageEmbedding | None:
         name = redis_key(key)
         raw = await self._call("get", lambda: self._client.get(name))
         if raw is None:
@@ -196,13 +193,14 @@ class RedisEmbeddingCache:
             await self._delete_if_unchanged(name, blob)
             return None
 
-    async def put(self, key: str, embedding: torch.Tensor) -> None:
-        if not torch.isfinite(embedding).all():
+    async def put(self, key: str, embedding: ImageEmbedding) -> None:
+        if not torch.isfinite(embedding.tensor).all():
             return  # never store what a reader would reject as poisoned
-        dtype, shape, data = tensor_to_bytes(embedding)
-        blob = encode_record(
-            EmbeddingRecord(dtype=dtype, shape=tuple(shape), fingerprint=self.fingerprint, key=key, data=data)
+        dtype, shape, data = tensor_to_bytes(embedding.tensor)
+        record = EmbeddingRecord(
+            dtype=dtype, shape=tuple(shape), fingerprint=self.fingerprint, key=key, data=data, layout=embedding.layout
         )
+        blob = encode_record(record)
         # A failed SET is counted by _call; the embedding is still returned to the caller.
         with contextlib.suppress(CacheUnavailableError):
             await self._call("set", lambda: self._client.set(redis_key(key), blob, ex=self._ttl_s or None))
@@ -213,7 +211,7 @@ class RedisEmbeddingCache:
     async def close(self) -> None:
         await self._client.aclose()
 
-    def _verify(self, blob: bytes, key: str) -> torch.Tensor:
+    def _verify(self, blob: bytes, key: str) -> ImageEmbedding:
         record = decode_record(blob, self.fingerprint, key)
         if self._expected_dtype is not None and record.dtype != self._expected_dtype:
             raise RecordError(f"record dtype {record.dtype}, expected {self._expected_dtype}")
@@ -225,7 +223,7 @@ class RedisEmbeddingCache:
         tensor = tensor_from_bytes(record.dtype, record.shape, record.data)
         if not torch.isfinite(tensor).all():
             raise RecordError("record holds NaN or infinite values")
-        return tensor
+        return ImageEmbedding(tensor, record.layout)
 
     async def _delete_if_unchanged(self, name: str, blob: bytes) -> None:
         # If the delete fails, the next reader finds the record poisoned again and retries it.

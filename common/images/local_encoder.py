@@ -17,10 +17,10 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from PIL import Image
 
 from common.images.batcher import BatcherClosedError, DynamicBatcher
+from common.images.embedding import ImageEmbedding
 from common.images.errors import EmbeddingNotFoundError, ImageError, ImageUnavailableError
 from common.images.intake import ImageLimits, decode_image
 from common.images.provider import EncodeItem
@@ -82,24 +82,24 @@ class LocalEncoder:
         prepared = await asyncio.get_running_loop().run_in_executor(self._decode_pool, prepare)
         await self.batcher.submit(prepared)
 
-    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[torch.Tensor | ImageError]:
+    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[ImageEmbedding | ImageError]:
         """One embedding or error per item; every item is decoded and batched on its own, so one bad image fails
         only itself. Local work is not cut short by `deadline`: the caller's own cancellation stops waiting."""
         jobs = [self.batcher.submit_prepared(self._preparer(item), self._decode_pool) for item in items]
         results = await asyncio.gather(*jobs, return_exceptions=True)
-        outcomes: list[torch.Tensor | ImageError] = []
+        outcomes: list[ImageEmbedding | ImageError] = []
         for result in results:
             if isinstance(result, asyncio.CancelledError):
                 raise result
             if isinstance(result, BatcherClosedError):
                 outcomes.append(ImageUnavailableError(_SHUTTING_DOWN))
-            elif isinstance(result, ImageError | torch.Tensor):
+            elif isinstance(result, ImageError | ImageEmbedding):
                 outcomes.append(result)
             else:
                 raise result  # a model failure: the caller answers INTERNAL
         return outcomes
 
-    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[torch.Tensor]:
+    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[ImageEmbedding]:
         raise EmbeddingNotFoundError(f"no embedding is cached under key {keys[0]}: send the image bytes instead")
 
     def _preparer(self, item: EncodeItem) -> Callable[[], PreparedImage]:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from common.hashing import image_key, pil_image_bytes
 from common.images.cache import EmbeddingCache
+from common.images.embedding import ImageEmbedding
 from common.images.errors import (
     CacheUnavailableError,
     EmbeddingNotFoundError,
@@ -70,6 +71,7 @@ class ResolvedImage:
     key: str
     embedding: torch.Tensor  # [rows, hidden_size], CPU
     source: str  # the cache layer that had it ("local", "redis") or "encoder"
+    layout: tuple[int, ...] = ()  # the family's image layout (see ImageEmbedding)
 
     @property
     def cache_hit(self) -> bool:
@@ -99,12 +101,12 @@ class ImageEncoder(Protocol):
         """The fingerprint image keys use now; raises ImageUnavailableError while the encoder cannot be used."""
         ...
 
-    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[torch.Tensor | ImageError]:
+    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[ImageEmbedding | ImageError]:
         """One embedding or error per item (errors about that item alone); raises an ImageError (index = the
         item's position) when the whole call failed."""
         ...
 
-    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[torch.Tensor]:
+    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[ImageEmbedding]:
         """Embeddings stored under `keys`, in order; raises EmbeddingNotFoundError or ImageUnavailableError."""
         ...
 
@@ -344,7 +346,7 @@ class EmbeddingProvider:
             except ImageError as error:
                 self._fail(futures, key, error)
 
-    async def _fill(self, key: str, embedding: torch.Tensor, before: CacheLayer | None = None) -> None:
+    async def _fill(self, key: str, embedding: ImageEmbedding, before: CacheLayer | None = None) -> None:
         """Store in the cache layers that take fills (those before `before` only, when a later layer had it)."""
         for layer in self.caches:
             if layer is before:
@@ -358,17 +360,17 @@ class EmbeddingProvider:
         if self._in_flight.get(key) is futures[key]:
             del self._in_flight[key]
 
-    def _settle(self, future: _Found, key: str, embedding: torch.Tensor, source: str) -> None:
-        future.set_result(ResolvedImage(key, embedding, source))
+    def _settle(self, future: _Found, key: str, embedding: ImageEmbedding, source: str) -> None:
+        future.set_result(ResolvedImage(key, embedding.tensor, source, embedding.layout))
         if self._on_lookup is not None:
             self._on_lookup(source)
 
-    def _checked(self, embedding: torch.Tensor, origin: str) -> torch.Tensor:
+    def _checked(self, embedding: ImageEmbedding, origin: str) -> ImageEmbedding:
         """The engine trusts embeddings: a wrong shape here would fail a whole batch, so it is caught first."""
-        rows = self.tokens_per_image
-        if embedding.dim() != 2 or embedding.shape[1] != self.hidden_size or (rows and embedding.shape[0] != rows):
+        rows, tensor = self.tokens_per_image, embedding.tensor
+        if tensor.dim() != 2 or tensor.shape[1] != self.hidden_size or (rows and tensor.shape[0] != rows):
             raise ImageUnavailableError(
-                f"{origin} returned an embedding of shape {list(embedding.shape)}; this model needs "
+                f"{origin} returned an embedding of shape {list(tensor.shape)}; this model needs "
                 f"[{rows or 'rows'}, {self.hidden_size}] (encoder and generator run different checkpoints?)"
             )
         return embedding

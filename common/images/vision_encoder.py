@@ -11,7 +11,7 @@ batcher thread and the generator's in-process path does the same, so its public 
     encoder.tokens_per_image          # rows of every embedding, or None when they depend on the image's size
     encoder.num_image_tokens(img)     # rows of the embedding of `img`
     encoder.prepare(img, condition)   # -> PreparedImage (the processor's tensors for one image)
-    encoder.encode_prepared([...])    # prepared images of one batch signature -> embeddings
+    encoder.encode_prepared([...])    # prepared images of one batch signature -> ImageEmbeddings (+ layout)
     encoder.encode([img, ...])        # -> [tensor [rows, hidden_size] on CPU, in the configured dtype]
 
     PIL RGB (+ condition) --family.prepare_image (the checkpoint's processor, PIL backend)--> PreparedImage
@@ -37,6 +37,7 @@ from common.checkpoint import (
     torch_dtype,
 )
 from common.config import ModelConfig
+from common.images.embedding import ImageEmbedding
 from common.images.errors import InvalidImageError
 from common.models.base import PreparedImage, collate
 
@@ -92,8 +93,9 @@ class VisionEncoder:
         self.check_image(image)
         return self.family.prepare_image(self._processor, image, condition)
 
-    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[torch.Tensor]:
-        """Prepared images of one batch signature -> one embedding [rows, hidden_size] each, CPU, configured dtype."""
+    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
+        """Prepared images of one batch signature -> one embedding [rows, hidden_size] each (CPU, configured dtype),
+        with the family's layout of each image."""
         with torch.inference_mode():
             batch = {
                 name: tensor.to(self.device, dtype=self.torch_dtype if tensor.is_floating_point() else tensor.dtype)
@@ -101,7 +103,10 @@ class VisionEncoder:
             }
             features = self.family.image_features(self._vision, batch)  # one [rows, hidden_size] per image
             # One owned CPU tensor per image: a view would keep the whole batch alive in a cache.
-            return [feature.to("cpu", dtype=self.torch_dtype).clone() for feature in features]
+            return [
+                ImageEmbedding(feature.to("cpu", dtype=self.torch_dtype).clone(), self.family.image_layout(image))
+                for feature, image in zip(features, images, strict=True)
+            ]
 
     def encode(self, images: Sequence[Image.Image], condition: str | None = None) -> list[torch.Tensor]:
         """RGB PIL images -> one embedding [rows, hidden_size] each (CPU, configured dtype), in order.
@@ -115,7 +120,7 @@ class VisionEncoder:
         results: list[torch.Tensor | None] = [None] * len(prepared)
         for indices in groups.values():
             for index, embedding in zip(indices, self.encode_prepared([prepared[i] for i in indices]), strict=True):
-                results[index] = embedding
+                results[index] = embedding.tensor
         return [result for result in results if result is not None]
 
     def describe(self) -> dict[str, Any]:

@@ -171,6 +171,12 @@ class ModelFamily(ABC):
         at batch 1), by calling it.
         """
 
+    def image_layout(self, image: PreparedImage) -> tuple[int, ...]:
+        """What the language-model side needs to know about one image besides its rows, read off its prepared
+        tensors (Qwen2-VL: the patch grid for M-RoPE positions; Idefics3: the tile grid for the prompt's row/column
+        tokens). It travels with the embedding through caches and the wire. Default: nothing."""
+        return ()
+
     @abstractmethod
     def tokens_per_image(self, processor: Any) -> int | None:
         """Placeholder tokens one image expands to under the checkpoint's processor; None when it varies."""

@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-import torch
 from PIL import Image
 
 from common.config import CacheConfig, EncoderConfig, ModelConfig, ServerConfig
+from common.images.embedding import ImageEmbedding
 from common.images.vision_encoder import VisionEncoder
 from common.models.base import PreparedImage
 from encoder_service.server import EncoderServer
@@ -79,7 +79,7 @@ class SlowVisionEncoder(VisionEncoder):
         self.preprocessed_images += 1
         return super().prepare(image, condition)
 
-    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[torch.Tensor]:
+    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
         self.forward_passes += 1
         time.sleep(self.delay_s)
         return super().encode_prepared(images)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 
 from common.config import ConfigError, ModelConfig, encoder_config_from_args
+from common.images.embedding import ImageEmbedding
 from common.models.base import PreparedImage
 from protos import encoder_pb2
 from tests.encoder.conftest import StartServer
@@ -35,7 +35,7 @@ class GatedVisionEncoder(SlowVisionEncoder):
         self.entered = threading.Event()
         super().__init__(model_config)
 
-    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[torch.Tensor]:
+    def encode_prepared(self, images: Sequence[PreparedImage]) -> list[ImageEmbedding]:
         self.entered.set()
         if not self.gate.wait(timeout=60):
             raise TimeoutError("the test never opened the gate")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common.images.batcher import BatcherClosedError, DynamicBatcher
+from common.images.embedding import ImageEmbedding
 from common.models.base import PreparedImage, collate
 
 
@@ -24,14 +25,14 @@ class FakeModel:
         self.delay_s = delay_s
         self.fail_on = fail_on
 
-    def __call__(self, images: list[PreparedImage]) -> list[torch.Tensor]:
+    def __call__(self, images: list[PreparedImage]) -> list[ImageEmbedding]:
         pixels = collate(images)["pixel_values"]
         self.batches.append(pixels.shape[0])
         self.threads.add(threading.current_thread().name)
         time.sleep(self.delay_s)
         if self.fail_on is not None and len(self.batches) == self.fail_on:
             raise RuntimeError("model exploded")
-        return [p.sum().reshape(1, 1) for p in pixels]
+        return [ImageEmbedding(p.sum().reshape(1, 1)) for p in pixels]
 
 
 def pixels(value: float, shape: tuple[int, ...] = (3, 2, 2)) -> PreparedImage:
@@ -40,7 +41,7 @@ def pixels(value: float, shape: tuple[int, ...] = (3, 2, 2)) -> PreparedImage:
 
 async def _submit_all(batcher: DynamicBatcher, values: list[float]) -> list[float]:
     results = await asyncio.gather(*(batcher.submit(pixels(v)) for v in values))
-    return [r.item() for r in results]
+    return [r.tensor.item() for r in results]
 
 
 def test_concurrent_submits_share_batches_up_to_the_max_size() -> None:
@@ -125,7 +126,7 @@ def test_a_failed_batch_fails_its_callers_and_the_next_batch_succeeds() -> None:
         try:
             results = await asyncio.gather(*(batcher.submit(pixels(1.0)) for _ in range(2)), return_exceptions=True)
             assert all(isinstance(r, RuntimeError) for r in results)
-            return (await batcher.submit(pixels(2.0))).item()
+            return (await batcher.submit(pixels(2.0))).tensor.item()
         finally:
             await batcher.close()
 
@@ -146,7 +147,7 @@ def test_close_finishes_the_running_batch_and_fails_queued_items() -> None:
         return list(await asyncio.gather(*jobs, return_exceptions=True))
 
     results = asyncio.run(scenario())
-    assert isinstance(results[0], torch.Tensor) and results[0].item() == 0.0
+    assert isinstance(results[0], ImageEmbedding) and results[0].tensor.item() == 0.0
     assert all(isinstance(r, BatcherClosedError) for r in results[1:])
 
 

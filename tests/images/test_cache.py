@@ -15,6 +15,7 @@ from common.config import CacheConfig
 from common.embedding_record import EmbeddingRecord, decode_record, encode_record
 from common.images.cache import CacheUnavailableError, LocalEmbeddingCache, RedisEmbeddingCache
 from common.images.circuit_breaker import BreakerState, CircuitBreaker
+from common.images.embedding import ImageEmbedding
 from tests.conftest import RedisKeys
 from tests.encoder.support import free_port, version_1_record
 
@@ -49,25 +50,25 @@ def redis_cache(url: str, **kwargs: Any) -> RedisEmbeddingCache:
 def test_local_cache_is_an_lru_bounded_in_bytes() -> None:
     cache = LocalEmbeddingCache(capacity_bytes=3 * 64)  # three [4, 4] float32 tensors
     for name in "abc":
-        cache.put_sync(name, tensor(4, value=ord(name)))
+        cache.put_sync(name, ImageEmbedding(tensor(4, value=ord(name))))
     assert cache.size_bytes == 192 and len(cache) == 3
     assert cache.get_sync("a") is not None  # "a" is now the most recently used
-    cache.put_sync("d", tensor(4))
+    cache.put_sync("d", ImageEmbedding(tensor(4)))
     assert cache.get_sync("b") is None  # the least recently used went first
     assert [cache.get_sync(k) is not None for k in "acd"] == [True, True, True]
-    cache.put_sync("big", tensor(8))  # 128 bytes: evicts two entries
+    cache.put_sync("big", ImageEmbedding(tensor(8)))  # 128 bytes: evicts two entries
     assert cache.size_bytes <= cache.capacity_bytes and len(cache) == 2
-    cache.put_sync("huge", tensor(16))  # larger than the whole cache: not stored, nothing evicted
+    cache.put_sync("huge", ImageEmbedding(tensor(16)))  # larger than the whole cache: not stored, nothing evicted
     assert cache.get_sync("huge") is None and len(cache) == 2
 
 
 def test_local_cache_replaces_and_zero_capacity_stores_nothing() -> None:
     cache = LocalEmbeddingCache(capacity_bytes=1024)
-    cache.put_sync("a", tensor(4, value=1.0))
-    cache.put_sync("a", tensor(2, value=2.0))
-    assert cache.size_bytes == 32 and torch.equal(cache.get_sync("a"), tensor(2, value=2.0))  # type: ignore[arg-type]
+    cache.put_sync("a", ImageEmbedding(tensor(4, value=1.0)))
+    cache.put_sync("a", ImageEmbedding(tensor(2, value=2.0)))
+    assert cache.size_bytes == 32 and torch.equal(cache.get_sync("a").tensor, tensor(2, value=2.0))  # type: ignore[union-attr]
     empty = LocalEmbeddingCache(capacity_bytes=0)
-    empty.put_sync("a", tensor(1))
+    empty.put_sync("a", ImageEmbedding(tensor(1)))
     assert asyncio.run(empty.get("a")) is None
 
 
@@ -75,9 +76,9 @@ def test_local_cache_replaces_and_zero_capacity_stores_nothing() -> None:
 
 
 def test_redis_round_trip_with_ttl(redis_url: str, redis_keys: RedisKeys) -> None:
-    key, value = new_key(), torch.randn(5, 3)
+    key, value = new_key(), ImageEmbedding(torch.randn(5, 3), layout=(1, 4, 6))
 
-    async def scenario() -> torch.Tensor | None:
+    async def scenario() -> ImageEmbedding | None:
         cache = redis_cache(redis_url, ttl=60)
         try:
             assert await cache.get(key) is None
@@ -86,11 +87,12 @@ def test_redis_round_trip_with_ttl(redis_url: str, redis_keys: RedisKeys) -> Non
         finally:
             await cache.close()
 
-    assert torch.equal(asyncio.run(scenario()), value)  # type: ignore[arg-type]
+    stored = asyncio.run(scenario())
+    assert stored is not None and torch.equal(stored.tensor, value.tensor) and stored.layout == (1, 4, 6)
     name = redis_keys.name(key)
     assert 0 < redis_keys.client.ttl(name) <= 60
     record = decode_record(redis_keys.client.get(name), FINGERPRINT, key)  # type: ignore[arg-type]
-    assert (record.dtype, record.shape, record.key) == ("float32", (5, 3), key)
+    assert (record.dtype, record.shape, record.key, record.layout) == ("float32", (5, 3), key, (1, 4, 6))
 
 
 def _poison(kind: str, key: str) -> bytes:
@@ -123,7 +125,7 @@ def test_poisoned_record_is_a_miss_and_is_deleted(redis_url: str, redis_keys: Re
     redis_keys.client.set(name, _poison(kind, key))
     poisoned: list[int] = []
 
-    async def scenario() -> torch.Tensor | None:
+    async def scenario() -> ImageEmbedding | None:
         cache = redis_cache(redis_url, expected_dtype="float32", expected_rows=2, expected_hidden_size=3,
                             on_poisoned=lambda: poisoned.append(1))
         try:
@@ -140,10 +142,11 @@ def test_record_of_another_image_under_this_key_is_a_miss(redis_url: str, redis_
     """Image A's valid record copied under image B's Redis key: a miss, deleted; B's own embedding is stored after."""
     key_a, key_b = new_key(), new_key()
     name_a, name_b = redis_keys.name(key_a), redis_keys.name(key_b)
-    value_a, value_b = torch.randn(2, 3), torch.randn(2, 3)  # same encoder, same shape: only the key tells them apart
+    # Same encoder, same shape: only the key tells them apart.
+    value_a, value_b = ImageEmbedding(torch.randn(2, 3)), ImageEmbedding(torch.randn(2, 3))
     poisoned: list[int] = []
 
-    async def scenario() -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    async def scenario() -> tuple[ImageEmbedding | None, ImageEmbedding | None, ImageEmbedding | None]:
         cache = redis_cache(
             redis_url,
             expected_dtype="float32",
@@ -163,8 +166,8 @@ def test_record_of_another_image_under_this_key_is_a_miss(redis_url: str, redis_
 
     copied, b_after, a_after = asyncio.run(scenario())
     assert copied is None and poisoned == [1]
-    assert torch.equal(b_after, value_b)  # type: ignore[arg-type]
-    assert torch.equal(a_after, value_a)  # type: ignore[arg-type]  # A's own record is untouched
+    assert b_after is not None and torch.equal(b_after.tensor, value_b.tensor)
+    assert a_after is not None and torch.equal(a_after.tensor, value_a.tensor)  # A's own record is untouched
     assert decode_record(redis_keys.client.get(name_b), FINGERPRINT, key_b).key == key_b  # type: ignore[arg-type]
 
 
@@ -199,7 +202,7 @@ def test_unreachable_redis_fails_fast_counts_errors_and_opens_the_breaker() -> N
                 with pytest.raises(CacheUnavailableError):
                     await cache.get(new_key())
                 assert time.perf_counter() - started < 1.0  # time-boxed (200 ms), not redis-py's 5 s default
-                await cache.put(new_key(), tensor(1))  # never raises
+                await cache.put(new_key(), ImageEmbedding(tensor(1)))  # never raises
                 outcomes.append(cache.breaker.state.value)
             clock.now += 5.0  # cooldown over: one probe goes to Redis again (and fails)
             with pytest.raises(CacheUnavailableError):
@@ -228,7 +231,7 @@ def test_hanging_redis_is_time_boxed() -> None:
                 started = time.perf_counter()
                 with pytest.raises(CacheUnavailableError):
                     await cache.get(new_key())
-                await cache.put(new_key(), tensor(2))
+                await cache.put(new_key(), ImageEmbedding(tensor(2)))
                 return time.perf_counter() - started
             finally:
                 await cache.close()

@@ -16,6 +16,7 @@ import torch
 
 from common.hashing import image_key
 from common.images.cache import LocalEmbeddingCache
+from common.images.embedding import ImageEmbedding
 from common.images.errors import (
     CacheUnavailableError,
     EmbeddingNotFoundError,
@@ -47,12 +48,12 @@ class ScriptedEncoder:
         self.fetches: list[list[str]] = []
         self.gate = asyncio.Event()
         self.gate.set()
-        self.stored: dict[str, torch.Tensor] = {}
+        self.stored: dict[str, ImageEmbedding] = {}
 
     async def ready(self, deadline: float | None) -> str:
         return self.fingerprint
 
-    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[torch.Tensor | ImageError]:
+    async def encode(self, items: Sequence[EncodeItem], deadline: float | None) -> list[ImageEmbedding | ImageError]:
         self.calls.append([item.data or b"" for item in items])
         await self.gate.wait()
         if deadline is not None and time.monotonic() > deadline:
@@ -60,9 +61,13 @@ class ScriptedEncoder:
         for position, item in enumerate(items):
             if (item.data or b"").startswith(b"bad"):
                 raise InvalidImageError("not an image", index=position)
-        return [embedding_of(item.data or b"", item.condition)[: self.rows] for item in items]
+        # The layout stands for a family's per-image metadata (e.g. a patch grid): here the byte count.
+        return [
+            ImageEmbedding(embedding_of(item.data or b"", item.condition)[: self.rows], layout=(len(item.data or b""),))
+            for item in items
+        ]
 
-    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[torch.Tensor]:
+    async def fetch(self, keys: Sequence[str], deadline: float | None) -> list[ImageEmbedding]:
         self.fetches.append(list(keys))
         if any(key not in self.stored for key in keys):
             raise EmbeddingNotFoundError("not here either")
@@ -76,7 +81,7 @@ class DownCache(LocalEmbeddingCache):
         super().__init__(1 << 20)
         self.fingerprints: list[str] = []
 
-    async def get(self, key: str) -> torch.Tensor | None:
+    async def get(self, key: str) -> ImageEmbedding | None:
         raise CacheUnavailableError("down")
 
     def use_fingerprint(self, fingerprint: str) -> None:
@@ -100,14 +105,15 @@ def test_layers_in_order_earlier_layers_filled_and_sources_reported() -> None:
         on_lookup=lookups.append,
     )
     in_redis, new = b"in-redis", b"new"
-    shared.put_sync(image_key(FINGERPRINT, in_redis), embedding_of(in_redis))
+    shared.put_sync(image_key(FINGERPRINT, in_redis), ImageEmbedding(embedding_of(in_redis)))
 
     async def scenario() -> None:
         first = await images.resolve([ImageSource(data=in_redis), ImageSource(data=new), ImageSource(data=new)])
         assert [image.source for image in first] == ["redis", "encoder", "encoder"]
-        assert torch.equal(first[1].embedding, embedding_of(new))
+        assert torch.equal(first[1].embedding, embedding_of(new)) and first[1].layout == (3,)
         again = await images.resolve([ImageSource(data=in_redis), ImageSource(data=new)])
         assert [image.source for image in again] == ["local", "local"]
+        assert again[1].layout == (3,)  # the layout travels with the embedding through the caches
 
     asyncio.run(scenario())
     assert encoder.calls == [[b"new"]]  # one call, the repeated image once
@@ -220,11 +226,12 @@ def test_an_unknown_embedding_key(
 def test_a_key_only_the_remote_encoder_holds_is_fetched_and_kept_locally() -> None:
     encoder = ScriptedEncoder(holds_keys=True)
     key = "cd" * 32
-    encoder.stored[key] = embedding_of(b"elsewhere")
+    encoder.stored[key] = ImageEmbedding(embedding_of(b"elsewhere"), layout=(9,))
     local = LocalEmbeddingCache(1 << 20)
     images = provider(encoder, CacheLayer("local", local))  # no shared cache: only the encoder may know it
     (found,) = asyncio.run(images.resolve([ImageSource(embedding_key=key)]))
     assert torch.equal(found.embedding, embedding_of(b"elsewhere")) and found.source == "encoder"
+    assert found.layout == (9,)
     assert encoder.fetches == [[key]]
 
 
