@@ -78,7 +78,8 @@ def block_hash(
 ) -> bytes:
     """Hash of one full KV block, chained to the hash of the block before it (None for the first block).
 
-    `extra` holds `(image_key, offset)` for every image whose tokens overlap the block: image placeholder
+    `extra` holds `(image_key, row)` for every image span overlapping the block (row: the embedding row of the
+    block's first token, relative to the span; see block_manager._image_extra): image placeholder
     token ids are identical for all images, so without it two different images would share KV blocks.
     """
     digest = hashlib.sha256(_BLOCK_DOMAIN)

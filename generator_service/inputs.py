@@ -16,10 +16,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from common.checkpoint import image_placeholder
 from common.errors import InvalidPrompt
+from common.images.provider import ResolvedImage
 from common.models import ModelFamily
+from common.models.base import PositionPlan, PromptImage
+from generator_service.engine.llm_engine import EngineRequest
 from generator_service.engine.request import ImageSpan
+from generator_service.engine.sampling_params import SamplingParams
 
 __all__ = ["InputProcessor", "InvalidPrompt", "TokenizedPrompt"]
 
@@ -27,7 +33,23 @@ __all__ = ["InputProcessor", "InvalidPrompt", "TokenizedPrompt"]
 @dataclass(frozen=True)
 class TokenizedPrompt:
     token_ids: list[int]
-    image_spans: tuple[ImageSpan, ...]
+    image_spans: tuple[ImageSpan, ...]  # one per contiguous run of an image's tokens, in prompt order
+    positions: PositionPlan | None = None  # None: rotary positions are the token indices
+    attention_blocks: tuple[tuple[int, int], ...] = ()  # bidirectional (start, end) token ranges
+
+    def engine_request(
+        self, request_id: str, sampling: SamplingParams, embeddings: Mapping[str, torch.Tensor]
+    ) -> EngineRequest:
+        """The engine's request: for each span its image's whole embedding (looked up by key, not copied)."""
+        return EngineRequest(
+            request_id=request_id,
+            prompt_token_ids=self.token_ids,
+            sampling=sampling,
+            image_spans=self.image_spans,
+            image_embeddings=tuple(embeddings[span.key] for span in self.image_spans),
+            positions=self.positions,
+            attention_blocks=self.attention_blocks,
+        )
 
 
 class InputProcessor:
@@ -65,8 +87,27 @@ class InputProcessor:
         """What the prompt's image embeddings depend on besides the images (see ModelFamily.embedding_condition)."""
         return self.family.embedding_condition(prompt)
 
-    def tokenize(self, prompt: str, image_keys: Sequence[str], image_rows: Sequence[int]) -> TokenizedPrompt:
-        """Expand each image to its row count, tokenize, and locate every image's tokens."""
+    def tokenize_images(self, prompt: str, images: Sequence[ResolvedImage]) -> TokenizedPrompt:
+        """`tokenize` with the keys, rows and layouts of resolved images."""
+        return self.tokenize(
+            prompt,
+            [image.key for image in images],
+            [int(image.embedding.shape[0]) for image in images],
+            [image.layout for image in images],
+        )
+
+    def tokenize(
+        self,
+        prompt: str,
+        image_keys: Sequence[str],
+        image_rows: Sequence[int],
+        image_layouts: Sequence[tuple[int, ...]] | None = None,
+    ) -> TokenizedPrompt:
+        """Expand each image to its rows (and layout), tokenize, locate every image's tokens.
+
+        An image's tokens may come in several runs (Idefics3 puts row/column tags between tiles): each run is one
+        `ImageSpan` whose `row_offset` says which rows of the image's embedding it holds.
+        """
         self.check_placeholders(prompt, len(image_keys))
         for index, rows in enumerate(image_rows):
             if self.tokens_per_image is not None and rows != self.tokens_per_image:
@@ -74,15 +115,52 @@ class InputProcessor:
                     f"image {index} has {rows} embedding rows but this checkpoint's processor expands an image "
                     f"to {self.tokens_per_image} tokens: the embedding comes from a different encoder"
                 )
-        token_ids = self.family.prompt_token_ids(self.tokenizer, prompt, self.image_token, image_rows)
-        positions = [i for i, token in enumerate(token_ids) if token == self.image_token_id]
-        if len(positions) != sum(image_rows):
+        layouts = image_layouts if image_layouts is not None else [()] * len(image_rows)
+        images = [PromptImage(rows, tuple(layout)) for rows, layout in zip(image_rows, layouts, strict=True)]
+        token_ids = self.family.prompt_token_ids(self.processor, prompt, self.image_token, images)
+        runs = _runs_of(token_ids, self.image_token_id)
+        if sum(end - start for start, end in runs) != sum(image_rows):
             raise InvalidPrompt(
-                f"the prompt text contains {len(positions) - sum(image_rows)} extra image token(s): "
-                f"use {self.image_token!r} only as an image placeholder"
+                f"the prompt text contains {sum(end - start for start, end in runs) - sum(image_rows)} extra image "
+                f"token(s): use {self.image_token!r} only as an image placeholder"
             )
-        spans, cursor = [], 0
-        for key, rows in zip(image_keys, image_rows, strict=True):
-            spans.append(ImageSpan(key=key, offset=positions[cursor], length=rows))
-            cursor += rows
-        return TokenizedPrompt(token_ids=token_ids, image_spans=tuple(spans))
+        spans = _spans(runs, image_keys, image_rows)
+        image_runs = [(span.offset, span.end) for span in spans]
+        return TokenizedPrompt(
+            token_ids=token_ids,
+            image_spans=spans,
+            positions=self.family.positions(token_ids, image_runs, images) if images else None,
+            attention_blocks=tuple(image_runs) if self.family.bidirectional_images else (),
+        )
+
+
+def _runs_of(token_ids: Sequence[int], token_id: int) -> list[tuple[int, int]]:
+    """(start, end) of every maximal run of `token_id` in `token_ids`."""
+    runs: list[tuple[int, int]] = []
+    for index, token in enumerate(token_ids):
+        if token != token_id:
+            continue
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
+
+
+def _spans(runs: list[tuple[int, int]], keys: Sequence[str], rows: Sequence[int]) -> tuple[ImageSpan, ...]:
+    """Give the image tokens to the images in order, `rows[i]` tokens to image i, cutting runs where needed.
+
+        runs:    [ooo]  [oooooo]   [oooo]          rows: image 0 -> 5, image 1 -> 8
+        spans:   [000]  [00][1111] [1111]          row_offset: 0, 3 | 0, 4
+    """
+    spans: list[ImageSpan] = []
+    image, used = 0, 0  # the image being filled, and how many of its rows are placed
+    for start, end in runs:
+        position = start
+        while position < end:
+            take = min(end - position, rows[image] - used)
+            spans.append(ImageSpan(key=keys[image], offset=position, length=take, row_offset=used))
+            position, used = position + take, used + take
+            if used == rows[image]:
+                image, used = image + 1, 0
+    return tuple(spans)

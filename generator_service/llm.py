@@ -166,16 +166,8 @@ class LLM:
                 requests.append(EngineRequest(request_id, text, sampling))
                 continue
             found = [next(resolved) for _ in images]
-            tokenized = self.inputs.tokenize(text, [i.key for i in found], [i.embedding.shape[0] for i in found])
-            requests.append(
-                EngineRequest(
-                    request_id=request_id,
-                    prompt_token_ids=tokenized.token_ids,
-                    sampling=sampling,
-                    image_spans=tokenized.image_spans,
-                    image_embeddings=tuple(image.embedding for image in found),
-                )
-            )
+            tokenized = self.inputs.tokenize_images(text, found)
+            requests.append(tokenized.engine_request(request_id, sampling, {i.key: i.embedding for i in found}))
         return requests
 
     def _parse(self, prompt: PromptLike) -> tuple[str | list[int], list[ImageLike]]:

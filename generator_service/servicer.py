@@ -307,17 +307,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             resolved = await backend.images.resolve(sources, deadline)
-            tokenized = backend.inputs.tokenize(
-                prompt, [image.key for image in resolved], [image.embedding.shape[0] for image in resolved]
-            )
+            tokenized = backend.inputs.tokenize_images(prompt, resolved)
         except (InvalidPrompt, ImageError) as exc:
             raise rpc_error(exc) from None
-        engine_request = EngineRequest(
-            request_id=call.request_id,
-            prompt_token_ids=tokenized.token_ids,
-            sampling=sampling,
-            image_spans=tokenized.image_spans,
-            image_embeddings=tuple(image.embedding for image in resolved),
+        engine_request = tokenized.engine_request(
+            call.request_id, sampling, {image.key: image.embedding for image in resolved}
         )
         call.prompt_tokens = len(tokenized.token_ids)
         await self._stream(backend.engine, call, engine_request, context)

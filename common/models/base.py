@@ -65,6 +65,26 @@ CAUSAL_LM_KEY_RULES: tuple[KeyRule, ...] = (
 
 
 @dataclass(frozen=True)
+class PromptImage:
+    """What the prompt of a request knows about one of its images: its embedding's rows and its layout."""
+
+    rows: int
+    layout: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PositionPlan:
+    """Rotary positions of a prompt when they are not the token indices (M-RoPE).
+
+    `positions[d][i]` is the position of prompt token i on axis d (`position_dims` axes); the token at index
+    t >= len(prompt) (generated) is at t + `delta` on every axis.
+    """
+
+    positions: tuple[tuple[int, ...], ...]
+    delta: int
+
+
+@dataclass(frozen=True)
 class PreparedImage:
     """One image as the vision half takes it: the processor's tensors, each with a leading batch dimension of 1.
 
@@ -225,14 +245,38 @@ class ModelFamily(ABC):
                 f"but {num_images} image(s) were given: put one placeholder per image, in order"
             )
 
-    def prompt_token_ids(self, tokenizer: Any, prompt: str, placeholder: str, rows: Sequence[int]) -> list[int]:
-        """Token ids of `prompt` with image i expanded to rows[i] image tokens, as the processor lays them out.
+    def prompt_token_ids(
+        self, processor: Any, prompt: str, placeholder: str, images: Sequence[PromptImage]
+    ) -> list[int]:
+        """Token ids of `prompt` with every image expanded, as the processor lays them out: exactly `rows` image
+        tokens per image, in order (possibly interleaved with other tokens, e.g. Idefics3's row/column tags).
 
-        Default (LLaVA and most families): each placeholder is replaced in place by rows[i] placeholders, then
-        the whole text is tokenized.
+        Default: each placeholder is replaced in place by `image_text`, then the whole text is tokenized.
         """
         pieces = prompt.split(placeholder)
         expanded = pieces[0]
-        for count, piece in zip(rows, pieces[1:], strict=True):
-            expanded += placeholder * count + piece
-        return [int(token) for token in tokenizer(expanded).input_ids]
+        for image, piece in zip(images, pieces[1:], strict=True):
+            expanded += self.image_text(processor, placeholder, image) + piece
+        return [int(token) for token in processor.tokenizer(expanded).input_ids]
+
+    def image_text(self, processor: Any, placeholder: str, image: PromptImage) -> str:
+        """The text one image's placeholder becomes (default: the placeholder once per embedding row)."""
+        return placeholder * image.rows
+
+    # --- the language model's side ----------------------------------------------------------------------
+
+    # Axes of the rotary positions the language model takes: 1 (positions are token indices unless
+    # `positions` says otherwise) or 3 (M-RoPE: temporal, height, width).
+    position_dims: ClassVar[int] = 1
+    # Image tokens attend to every token of their own image (Gemma 3), not only to earlier ones: each contiguous
+    # run of an image's tokens is a bidirectional block, which a prefill chunk never splits.
+    bidirectional_images: ClassVar[bool] = False
+
+    def positions(
+        self, token_ids: Sequence[int], image_runs: Sequence[tuple[int, int]], images: Sequence[PromptImage]
+    ) -> PositionPlan | None:
+        """The prompt's rotary positions when they are not its token indices; None (default) when they are.
+
+        `image_runs` are the (start, end) token ranges of image tokens, in order; `images` the prompt's images.
+        """
+        return None

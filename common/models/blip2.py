@@ -50,7 +50,14 @@ from transformers import (
 )
 
 from common.errors import CheckpointError, InvalidPrompt, UnsupportedArchitectureError
-from common.models.base import CAUSAL_LM_KEY_RULES, ModelFamily, PreparedImage, VisionModule, key_rule
+from common.models.base import (
+    CAUSAL_LM_KEY_RULES,
+    ModelFamily,
+    PreparedImage,
+    PromptImage,
+    VisionModule,
+    key_rule,
+)
 
 # Config fields that, besides the weights and the image processor, fix an image's embedding.
 _VISION_SETTINGS = ("hidden_act", "layer_norm_eps", "num_attention_heads", "image_size", "patch_size", "qkv_bias")
@@ -191,9 +198,12 @@ class QFormerFamily(ModelFamily):
                 "image's tokens in front of the text by itself; send the text without it"
             )
 
-    def prompt_token_ids(self, tokenizer: Any, prompt: str, placeholder: str, rows: Sequence[int]) -> list[int]:
+    def prompt_token_ids(
+        self, processor: Any, prompt: str, placeholder: str, images: Sequence[PromptImage]
+    ) -> list[int]:
         """The image's tokens (no BOS, no padding), then the tokenized prompt, as Blip2Processor lays them out."""
-        image_text = "".join(placeholder * count for count in rows)
+        tokenizer = processor.tokenizer
+        image_text = "".join(self.image_text(processor, placeholder, image) for image in images)
         image_ids = tokenizer(image_text, add_special_tokens=False).input_ids if image_text else []
         return [int(token) for token in [*image_ids, *tokenizer(prompt).input_ids]]
 

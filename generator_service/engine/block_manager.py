@@ -24,9 +24,12 @@ from generator_service.engine.request import ImageSpan, Request
 
 
 def _image_extra(spans: Sequence[ImageSpan], start: int, end: int) -> list[tuple[str, int]]:
-    # Offset of the block's first token relative to the image's first token (negative when the image
-    # starts inside the block), for every image overlapping [start, end).
-    return [(span.key, start - span.offset) for span in spans if span.offset < end and span.end > start]
+    # For every image span overlapping [start, end): the embedding row that the block's first token would hold
+    # (negative when the span starts inside the block), so that two blocks holding different rows of one image
+    # (an image in several runs) or the same rows of two images never hash alike.
+    return [
+        (span.key, start - span.offset + span.row_offset) for span in spans if span.offset < end and span.end > start
+    ]
 
 
 class BlockManager:

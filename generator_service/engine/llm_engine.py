@@ -21,6 +21,7 @@ import torch
 
 from common.checkpoint import TextHalf, load_processor, load_text_half, resolve_checkpoint
 from common.config import EngineConfig
+from common.models.base import PositionPlan
 from generator_service.engine.block_manager import BlockManager
 from generator_service.engine.detokenizer import IncrementalDetokenizer
 from generator_service.engine.model_runner import KVCacheSpec, ModelRunner
@@ -39,7 +40,9 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     image_spans: tuple[ImageSpan, ...] = ()
-    image_embeddings: tuple[torch.Tensor, ...] = ()  # one per span, [span.length, hidden]
+    image_embeddings: tuple[torch.Tensor, ...] = ()  # per span, its image's [rows, hidden] embedding
+    positions: PositionPlan | None = None  # rotary positions when they are not the token indices (M-RoPE)
+    attention_blocks: tuple[tuple[int, int], ...] = ()  # bidirectional token ranges (an image's tokens, Gemma 3)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,12 @@ class LLMEngine:
             ),
             self.block_manager,
         )
-        self.runner = ModelRunner(text_half.model, block_size=config.block_size, num_blocks=num_blocks)
+        self.runner = ModelRunner(
+            text_half.model,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            position_dims=text_half.family.position_dims,
+        )
         eos = self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset() if eos is None else frozenset({int(eos)})
         self._tracked: dict[str, _Tracked] = {}
@@ -140,10 +148,11 @@ class LLMEngine:
             sampling=engine_request.sampling,
             eos_token_ids=self.eos_token_ids,
             image_spans=engine_request.image_spans,
+            attention_blocks=engine_request.attention_blocks,
         )
         self.scheduler.add_request(request)
         try:
-            self.runner.add_request(request, engine_request.image_embeddings)
+            self.runner.add_request(request, engine_request.image_embeddings, engine_request.positions)
         except Exception:
             self.scheduler.abort_request(request.request_id)
             raise

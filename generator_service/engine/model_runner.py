@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from common.models.base import PositionPlan
 from generator_service.engine import paged_attention
 from generator_service.engine.paged_attention import METADATA_KWARG, AttentionMetadata, PrefillChunk
 from generator_service.engine.request import ImageSpan, Request
@@ -59,8 +60,9 @@ class KVCacheSpec:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, *, block_size: int, num_blocks: int) -> None:
+    def __init__(self, model: PreTrainedModel, *, block_size: int, num_blocks: int, position_dims: int = 1) -> None:
         self.model = model  # a *ForCausalLM: `.model` is the decoder stack, `.lm_head` the head
+        self.position_dims = position_dims  # rotary position axes the model takes: 1, or 3 for M-RoPE
         self.model.set_attn_implementation(paged_attention.register())
         self.device = next(model.parameters()).device
         self.block_size = block_size
@@ -78,23 +80,39 @@ class ModelRunner:
         self.embed_tokens = model.get_input_embeddings()
         self.sampler = Sampler()
         self._images: dict[str, list[tuple[ImageSpan, torch.Tensor]]] = {}
+        self._positions: dict[str, tuple[torch.Tensor, int]] = {}  # request -> (prompt positions [D, P], delta)
         self._generators: dict[str, torch.Generator | None] = {}
 
     # ---- per-request tensors -----------------------------------------------------------------------------
 
-    def add_request(self, request: Request, image_embeddings: Sequence[torch.Tensor]) -> None:
-        """Keep the request's image embeddings (one per image span, [span.length, hidden]) and its RNG."""
+    def add_request(
+        self, request: Request, image_embeddings: Sequence[torch.Tensor], positions: PositionPlan | None = None
+    ) -> None:
+        """Keep the request's image embeddings (per image span, its image's whole [rows, hidden] embedding; spans
+        of one image share it), its rotary positions when they are not the token indices, and its RNG."""
         if len(image_embeddings) != len(request.image_spans):
             raise ValueError(f"{len(request.image_spans)} image spans but {len(image_embeddings)} embeddings")
-        dtype = self.spec.dtype
-        self._images[request.request_id] = [
-            (span, embedding.to(device=self.device, dtype=dtype))
-            for span, embedding in zip(request.image_spans, image_embeddings, strict=True)
-        ]
+        moved: dict[int, torch.Tensor] = {}  # one copy per image, however many spans it has
+        images = []
+        for span, embedding in zip(request.image_spans, image_embeddings, strict=True):
+            if span.row_offset + span.length > embedding.shape[0]:
+                raise ValueError(f"image span needs rows up to {span.row_offset + span.length}, the embedding has "
+                                 f"{embedding.shape[0]}")
+            if id(embedding) not in moved:
+                moved[id(embedding)] = embedding.to(device=self.device, dtype=self.spec.dtype)
+            images.append((span, moved[id(embedding)]))
+        if positions is not None:
+            table = torch.tensor(positions.positions, dtype=torch.long, device=self.device)  # [D, P]
+            if table.shape != (self.position_dims, request.num_prompt_tokens):
+                raise ValueError(f"positions of shape {list(table.shape)} for a {request.num_prompt_tokens}-token "
+                                 f"prompt and {self.position_dims} position axes")
+            self._positions[request.request_id] = (table, positions.delta)
+        self._images[request.request_id] = images
         self._generators[request.request_id] = Sampler.make_generator(request.sampling.seed, self.device)
 
     def remove_request(self, request_id: str) -> None:
         self._images.pop(request_id, None)
+        self._positions.pop(request_id, None)
         self._generators.pop(request_id, None)
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -106,7 +124,7 @@ class ModelRunner:
         batch = self._prepare(chunks, requests)
         hidden = self.model.model(
             inputs_embeds=batch.inputs_embeds.unsqueeze(0),  # [1, T, hidden]
-            position_ids=batch.positions.unsqueeze(0),  # [1, T]
+            position_ids=batch.rope_positions,  # [1, T], or [3, 1, T] for M-RoPE
             use_cache=False,
             **{METADATA_KWARG: batch.attention},
         ).last_hidden_state[0]  # [T, hidden]
@@ -167,6 +185,7 @@ class ModelRunner:
                     num_tokens=chunk.num_tokens,
                     context_slots=block_tables[i, context // block_size] * block_size + context % block_size,
                     query_positions=context[chunk.start :],
+                    block_ids=self._block_ids(requests[chunk.request_id], context.numel()),
                 )
             )
         attention = AttentionMetadata(
@@ -184,7 +203,41 @@ class ModelRunner:
         self._scatter_images(inputs_embeds, chunks, row_starts.tolist())
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         logits_rows = (row_starts + lengths - 1)[torch.tensor(sampling, device=device, dtype=torch.long)]
-        return _Batch(inputs_embeds, positions, attention, logits_rows)
+        rope_positions = self._rope_positions(chunks, positions, row_starts.tolist())
+        return _Batch(inputs_embeds, rope_positions, attention, logits_rows)
+
+    def _rope_positions(
+        self, chunks: Sequence[ScheduledChunk], positions: torch.Tensor, rows: list[int]
+    ) -> torch.Tensor:
+        """The model's `position_ids`: the token indices `positions` [T] as [1, T] (the fast path), or [D, 1, T]
+        with each planned request's own positions (M-RoPE): its prompt's table, then index + delta.
+
+            token index t:  0 ........ P-1 | P ......
+            position:       table[:, t]     | t + delta   (on every axis)
+        """
+        if self.position_dims == 1 and not self._positions:
+            return positions.unsqueeze(0)  # [1, T]
+        rope = positions.unsqueeze(0).repeat(self.position_dims, 1)  # [D, T]
+        for chunk, row in zip(chunks, rows, strict=True):
+            plan = self._positions.get(chunk.request_id)
+            if plan is None:
+                continue
+            table, delta = plan  # [D, P]
+            index = positions[row : row + chunk.num_tokens]  # [n] token indices of this chunk
+            in_prompt = index < table.shape[1]
+            from_table = table[:, index.clamp(max=table.shape[1] - 1)]  # [D, n]
+            rope[:, row : row + chunk.num_tokens] = torch.where(in_prompt, from_table, index + delta)
+        return rope.unsqueeze(1) if self.position_dims > 1 else rope  # [D, 1, T] or [1, T]
+
+    @staticmethod
+    def _block_ids(request: Request, context_length: int) -> torch.Tensor | None:
+        """[ctx] the attention block of each context position (-1: none), or None when the request has none."""
+        if not request.attention_blocks:
+            return None
+        block_ids = torch.full((context_length,), -1, dtype=torch.long)
+        for number, (start, end) in enumerate(request.attention_blocks):
+            block_ids[start : min(end, context_length)] = number
+        return block_ids
 
     def _scatter_images(self, inputs_embeds: torch.Tensor, chunks: Sequence[ScheduledChunk], rows: list[int]) -> None:
         """Overwrite the placeholder rows of each chunk with the matching rows of its image embeddings.
@@ -198,12 +251,13 @@ class ModelRunner:
                 low, high = max(chunk.start, span.offset), min(end, span.end)
                 if low < high:
                     target = slice(row_start + low - chunk.start, row_start + high - chunk.start)
-                    inputs_embeds[target] = embedding[low - span.offset : high - span.offset]
+                    first = span.row_offset + low - span.offset  # the embedding row of token `low`
+                    inputs_embeds[target] = embedding[first : first + high - low]
 
 
 @dataclass
 class _Batch:
     inputs_embeds: torch.Tensor  # [T, hidden]
-    positions: torch.Tensor  # [T]
+    rope_positions: torch.Tensor  # the model's position_ids: [1, T], or [D, 1, T] for M-RoPE
     attention: AttentionMetadata
     logits_rows: torch.Tensor  # [num_sampling_chunks] last row of each sampling chunk

@@ -35,14 +35,24 @@ class PrefillChunk:
     num_tokens: int
     context_slots: torch.Tensor  # [start + num_tokens] cache slots of every position the chunk can see
     query_positions: torch.Tensor  # [num_tokens] absolute positions (start .. start + n - 1)
+    # [ctx] attention block of each context position (-1: none) when the request has bidirectional blocks
+    block_ids: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def mask(self, window: int | None) -> torch.Tensor:
-        """[n, ctx] bool: key visible to query. Built once per step and window, shared by every layer."""
+        """[n, ctx] bool: key visible to query. Built once per step and window, shared by every layer.
+
+        Causal, or in the same attention block as the query (an image's tokens see each other both ways); a
+        sliding window then cuts what is too far back (HF: sliding = window AND (causal OR block)).
+        """
         if window not in self._masks:
             key_positions = torch.arange(self.context_slots.numel(), device=self.context_slots.device)  # [ctx]
             distance = self.query_positions[:, None] - key_positions[None, :]  # [n, ctx]
             visible = distance >= 0  # bottom-right causal: row i sees keys 0 .. start + i
+            if self.block_ids is not None:
+                block_ids = self.block_ids.to(self.context_slots.device)
+                query_blocks = block_ids[self.query_positions]  # [n]
+                visible = visible | ((query_blocks[:, None] == block_ids[None, :]) & (query_blocks[:, None] >= 0))
             self._masks[window] = visible if window is None else visible & (distance < window)
         return self._masks[window]
 

@@ -46,7 +46,8 @@ _FINISH_REASONS = {
 
 @dataclass(frozen=True)
 class ImageSpan:
-    """The image tokens of one image inside the prompt: tokens [offset, offset + length).
+    """A run of one image's tokens inside the prompt: tokens [offset, offset + length) hold rows
+    [row_offset, row_offset + length) of the image's embedding (an image may come in several runs).
 
     `key` is the image's content key (common.hashing.image_key); it goes into the prefix-block hashes
     so that two different images behind identical placeholder tokens never share KV blocks.
@@ -55,11 +56,12 @@ class ImageSpan:
     key: str
     offset: int  # index of the span's first token in the prompt
     length: int
+    row_offset: int = 0  # embedding row of the span's first token
 
     def __post_init__(self) -> None:
-        if self.offset < 0 or self.length < 1:
-            raise ValueError(f"image span needs offset >= 0 and length >= 1, got offset={self.offset} "
-                             f"length={self.length}")
+        if self.offset < 0 or self.length < 1 or self.row_offset < 0:
+            raise ValueError(f"image span needs offset >= 0, length >= 1 and row_offset >= 0, got offset="
+                             f"{self.offset} length={self.length} row_offset={self.row_offset}")
 
     @property
     def end(self) -> int:
@@ -73,6 +75,9 @@ class Request:
     sampling: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     image_spans: tuple[ImageSpan, ...] = ()
+    # Token ranges [start, end) whose tokens attend to each other both ways (an image's tokens in Gemma 3); a
+    # prefill chunk never ends strictly inside one.
+    attention_blocks: tuple[tuple[int, int], ...] = ()
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     # Prefix-cache hit tokens at FIRST admission (usage.cached_prompt_tokens); resumes don't change it.
@@ -92,11 +97,16 @@ class Request:
         self.output_token_ids = list(self.output_token_ids)
         self.eos_token_ids = frozenset(self.eos_token_ids)
         self.image_spans = tuple(self.image_spans)
+        self.attention_blocks = tuple(self.attention_blocks)
         self._token_ids = self.prompt_token_ids + self.output_token_ids
         for span in self.image_spans:
             if span.end > len(self.prompt_token_ids):
                 raise ValueError(f"request {self.request_id!r}: image span {span.key[:12]}... ends at token "
                                  f"{span.end}, past the prompt ({len(self.prompt_token_ids)} tokens)")
+        for start, end in self.attention_blocks:
+            if not 0 <= start < end <= len(self.prompt_token_ids):
+                raise ValueError(f"request {self.request_id!r}: attention block [{start}, {end}) is not inside the "
+                                 f"prompt ({len(self.prompt_token_ids)} tokens)")
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -126,6 +136,20 @@ class Request:
     @property
     def finish_reason(self) -> str | None:
         return self.status.finish_reason
+
+    def chunk_end(self, start: int, wanted_end: int) -> int:
+        """The end of a chunk from `start` that wants to reach `wanted_end` without ending strictly inside an
+        attention block: cut back to the block's start, or, when the chunk starts inside the block, extended to
+        its end (the caller checks that the budget allows it). No blocks: `wanted_end`.
+
+            blocks:        [a ...... b)
+            chunk:   start ------^ wanted_end      -> a      (start < a)
+            chunk:           start ^ wanted_end    -> b      (a <= start < b)
+        """
+        for block_start, block_end in self.attention_blocks:
+            if block_start < wanted_end < block_end:
+                return block_start if start < block_start else block_end
+        return wanted_end
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -8,6 +8,10 @@ Each step grants tokens under `max_num_batched_tokens`, no prefill/decode phases
   2. If nobody was preempted, WAITING requests are admitted FCFS while budget and max_num_seqs allow, each
      starting after its prefix-cache hit. The first one that does not fit stops admission (no skipping).
 
+A chunk never ends strictly inside one of a request's attention blocks (an image whose tokens attend to each
+other both ways, Gemma 3): it stops before the block, or takes the block's rest whole; a block longer than
+`max_num_batched_tokens` is rejected at admission, and one that does not fit this step's budget waits.
+
 The loop reads `out = scheduler.schedule(); result = runner.execute(out.chunks, ...);
 finished = scheduler.update(out, result.sampled_token_ids, stop_strings)`: `update` is the one place that decides a
 request is finished (stop token, stop string, length); `out.finished` reports the requests aborted since the last
@@ -186,7 +190,10 @@ class Scheduler:
         index = 0
         while index < len(self._running) and budget.remaining > 0:
             request = self._running[index]
-            num_new = budget.grant(request.num_tokens - request.num_computed_tokens)
+            num_new = self._fit(request, request.num_computed_tokens, budget)
+            if num_new == 0:  # the rest of an attention block does not fit this step's budget: next step
+                index += 1
+                continue
             while self.block_manager.allocate_slots(request, num_new) is None:
                 victim = self._running.pop()  # the newest; never one already scheduled (index < len)
                 self._preempt(victim)
@@ -203,8 +210,8 @@ class Scheduler:
         while self._waiting and budget.remaining > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._waiting[0]
             hit_blocks, num_hit_tokens = self.block_manager.get_computed_blocks(request)
-            num_new = budget.grant(request.num_tokens - num_hit_tokens)
-            if self.block_manager.allocate_slots(request, num_new, hit_blocks) is None:
+            num_new = self._fit(request, num_hit_tokens, budget)
+            if num_new == 0 or self.block_manager.allocate_slots(request, num_new, hit_blocks) is None:
                 break  # strict FCFS: nobody overtakes the head of the queue
             self._waiting.popleft()
             request.num_computed_tokens = num_hit_tokens
@@ -216,6 +223,14 @@ class Scheduler:
             chunks.append(self._chunk(request, num_new))
             budget.spend(num_new)
         return chunks
+
+    @staticmethod
+    def _fit(request: Request, start: int, budget: _TokenBudget) -> int:
+        """Tokens to compute from `start` this step: what the budget grants, never ending strictly inside an
+        attention block (0 when the block's rest does not fit the budget left)."""
+        wanted = budget.grant(request.num_tokens - start)
+        end = request.chunk_end(start, start + wanted)
+        return end - start if end - start <= budget.remaining else 0
 
     def _chunk(self, request: Request, num_tokens: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -267,6 +282,12 @@ class Scheduler:
         if total > self.config.max_model_len:
             raise RequestRejected(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
                                   f"({self.config.max_model_len}): shorten the prompt or raise --max-model-len")
+        longest = max((end - start for start, end in request.attention_blocks), default=0)
+        if longest > self.config.max_num_batched_tokens:
+            raise RequestRejected(
+                f"request {rid!r} has an image of {longest} tokens that attend to each other both ways, so it is "
+                f"prefilled in one step, but --max-num-batched-tokens is {self.config.max_num_batched_tokens}: "
+                f"raise it to at least {longest} (plus room for the running decodes)")
         num_blocks = self.block_manager.num_blocks_for(total)
         if num_blocks > self.block_manager.num_blocks:
             raise RequestRejected(

@@ -362,3 +362,63 @@ def test_random_simulation_keeps_invariants_and_kv_contents(seed: int, prefix_ca
             assert len(outputs) == sampling.max_tokens
         elif request.status is RequestStatus.FINISHED_STOPPED:
             assert outputs[-1] == EOS and not sampling.ignore_eos
+
+
+# ------------------------------------------------------------------------------------------- attention blocks
+
+
+def block_request(request_id: str, prompt_len: int, blocks: tuple[tuple[int, int], ...], **kwargs: int) -> Request:
+    request = make_request(request_id, prompt_len, **kwargs)
+    request.attention_blocks = blocks
+    return request
+
+
+def test_a_chunk_never_ends_inside_an_attention_block() -> None:
+    """An image whose tokens attend both ways (Gemma 3) is prefilled in one chunk: the chunk that would end inside
+    it stops at its start, and the next one takes it whole."""
+    sched = make_scheduler(num_blocks=20, max_num_batched_tokens=7)
+    sched.add_request(block_request("a", 16, ((3, 9),), max_tokens=2))  # image tokens 3..8
+    chunks = [plan(step(sched)[0]) for _ in range(4)]
+    assert chunks[:3] == [[("a", 0, 3)], [("a", 3, 7)], [("a", 10, 6)]]  # 0-2 | the image 3-8 and 9 | 10-15
+    assert chunks[3] == [("a", 16, 1)]  # decode
+
+
+def test_a_block_too_long_for_the_budget_is_rejected_and_one_that_does_not_fit_now_waits() -> None:
+    sched = make_scheduler(num_blocks=30, max_num_batched_tokens=8)
+    with pytest.raises(RequestRejected, match=r"image of 9 tokens .* raise it to at least 9"):
+        sched.add_request(block_request("long", 12, ((2, 11),)))
+    sched.add_request(make_request("b", 5, max_tokens=8))
+    sched.add_request(block_request("c", 10, ((1, 9),), max_tokens=2))  # 8 image tokens: the whole budget
+    first = plan(step(sched)[0])
+    assert first == [("b", 0, 5), ("c", 0, 1)]  # c stops before its image: 3 tokens left would split it
+    second = plan(step(sched)[0])
+    assert second == [("b", 5, 1)]  # b decodes; c's 8-token image does not fit the 7 tokens left: it waits
+    # ... until nothing else runs: b finishes after 8 tokens, then c's image gets a whole step.
+    for _ in range(8):
+        out, _ = step(sched)
+        if ("c", 1, 8) in plan(out):
+            break
+    else:
+        raise AssertionError("the image's chunk was never scheduled")
+
+
+def test_a_prefix_hit_inside_a_block_resumes_with_the_rest_of_the_block() -> None:
+    """Blocks cached up to the middle of an image: the next request computes the image's rest in one chunk."""
+    sched = make_scheduler(num_blocks=20, max_num_batched_tokens=16)
+    image = ImageSpan(key="k" * 64, offset=2, length=8)
+    first = block_request("a", 14, ((2, 10),), max_tokens=1)
+    first.image_spans = (image,)
+    sched.add_request(first)
+    while sched.has_unfinished_requests():
+        step(sched)
+    again = block_request("b", 14, ((2, 10),), max_tokens=1)
+    again.image_spans = (image,)
+    sched.add_request(again)
+    out, _ = step(sched)
+    assert plan(out) == [("b", 12, 2)]  # hit: 3 full blocks of 4 (tokens 0-11), past the image's end
+    third = block_request("c", 14, ((2, 10),), max_tokens=1, first_token=10)
+    third.prompt_token_ids[11] = 999  # differs in the 3rd block: the hit stops at token 8, inside the image
+    third = Request("c", third.prompt_token_ids, third.sampling, image_spans=(image,), attention_blocks=((2, 10),))
+    sched.add_request(third)
+    out, _ = step(sched)
+    assert plan(out) == [("c", 8, 6)]  # resumes inside the image [2, 10) and takes its rest (8, 9) and beyond
