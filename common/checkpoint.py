@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoProcessor, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
@@ -198,7 +198,7 @@ def load_text_half(
     path = resolve_checkpoint(str(model), revision)
     family = load_family(path)
     text_config = family.text_config
-    causal_lm = _build_empty(lambda: AutoModelForCausalLM.from_config(text_config), device)
+    causal_lm = _build_empty(family.build_text, device)
     if not isinstance(causal_lm, PreTrainedModel):
         raise CheckpointError(f"{path}: the text config builds a {type(causal_lm).__name__}, not a causal LM")
     report = LoadReport()

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from PIL import Image
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from common.errors import InvalidPrompt
 
@@ -166,6 +166,12 @@ class ModelFamily(ABC):
     def hidden_size(self) -> int:
         """Columns of every image embedding: the language model's hidden size."""
         return int(self.text_config.hidden_size)
+
+    def build_text(self) -> PreTrainedModel:
+        """The empty text half (weights come later): a causal LM whose `.model` is the decoder stack (called with
+        `inputs_embeds`, `position_ids`) and `.lm_head` the head, named as `classify` maps the stored text keys.
+        Default: the text config's own `*ForCausalLM`."""
+        return AutoModelForCausalLM.from_config(self.text_config)
 
     @abstractmethod
     def build_vision(self) -> VisionModule:
