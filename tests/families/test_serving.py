@@ -109,6 +109,16 @@ def test_offline_llm_matches_hf(spec: Spec, checkpoint: Path, expected: list[lis
         assert llm.engine.block_manager.num_used_blocks == 0
 
 
+def test_offline_chat_uses_the_checkpoints_template(spec: Spec, checkpoint: Path, reference: Reference) -> None:
+    if reference.processor.chat_template is None:
+        pytest.skip(f"{spec.family}'s checkpoints have no chat template (raw prompts only)")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in it?"}]}]
+    expected = reference.generate(reference.chat_prompt(messages), [IMAGES[2]], MAX_TOKENS)
+    with LLM(str(checkpoint), block_size=4, num_kv_blocks=128) as llm:
+        chatted = llm.chat(messages, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), images=[IMAGES[2]])
+    assert chatted.token_ids == expected
+
+
 @pytest.fixture(scope="module")
 def served(checkpoint: Path) -> Iterator[tuple[RunningEncoder, RunningGenerator]]:
     if shutil.which("redis-server") is None:
@@ -118,9 +128,7 @@ def served(checkpoint: Path) -> Iterator[tuple[RunningEncoder, RunningGenerator]
     encoder = RunningEncoder(loop, encoder_config(checkpoint, redis_url=redis.url, max_batch_size=1))
     generator = RunningGenerator(
         loop,
-        generator_config(
-            checkpoint, encoder_address=encoder.address, redis_url=redis.url, max_num_batched_tokens=24
-        ),
+        generator_config(checkpoint, encoder_address=encoder.address, redis_url=redis.url, max_num_batched_tokens=24),
     )
     yield encoder, generator
     generator.stop()
