@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
@@ -203,7 +203,11 @@ def load_text_half(
         raise CheckpointError(f"{path}: the text config builds a {type(causal_lm).__name__}, not a causal LM")
     report = LoadReport()
     # A tied head may be absent from the checkpoint (OPT, Qwen2-VL-2B, Gemma3): it shares the embedding matrix.
-    tied = frozenset({"lm_head.weight"}) if text_config.tie_word_embeddings else frozenset()
+    # 5.x keeps the flag on the text config, except for models that keep it on the outer one only (Qwen2-VL).
+    tie = getattr(text_config, "tie_word_embeddings", None)
+    if tie is None:
+        tie = getattr(family.config, "tie_word_embeddings", False)
+    tied = frozenset({"lm_head.weight"}) if tie else frozenset()
     _load_into(causal_lm, "text", path, family, torch_dtype(dtype), device, report, optional=tied)
     if tied:
         causal_lm.lm_head.weight = causal_lm.get_input_embeddings().weight
@@ -264,7 +268,7 @@ def load_processor(path: Path) -> Any:
     torchvision is not a dependency, so the image processor is always the PIL backend (`load_image_processor`),
     whatever backend the processor would pick by itself.
     """
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_family(path).load_processor(path)
     processor.image_processor = load_image_processor(path)
     return processor
 

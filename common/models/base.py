@@ -29,12 +29,13 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoProcessor, PretrainedConfig, PreTrainedModel
 
 from common.errors import InvalidPrompt
 
@@ -157,6 +158,11 @@ class ModelFamily(ABC):
             if match:
                 return rule.half, rule.prefix + key[match.end() :]
         return None
+
+    def load_processor(self, path: Path) -> Any:
+        """The checkpoint's processor, as `AutoProcessor` loads it (a family may use an images-only subclass of
+        HF's processor where HF's would insist on a video processor, which needs torchvision)."""
+        return AutoProcessor.from_pretrained(path)
 
     @property
     def text_config(self) -> PretrainedConfig:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
+from common.checkpoint import load_processor
 from common.config import (
     CacheConfig,
     EncoderConfig,
@@ -171,7 +172,7 @@ class Reference:
     """
 
     def __init__(self, path: Path) -> None:
-        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor = load_processor(path)  # AutoProcessor's, or the family's images-only subclass of HF's
         config = AutoConfig.from_pretrained(path)
         model_class = getattr(transformers, config.architectures[0])
         self.model = model_class.from_pretrained(path).eval()
