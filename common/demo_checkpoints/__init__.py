@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.demo_checkpoints import blip2, llava, llava_next
+from common.demo_checkpoints import blip2, gemma3, idefics3, llava, llava_next, qwen2_vl
 
 Builder = Callable[..., Path]
 
@@ -23,6 +23,11 @@ BUILDERS: dict[str, tuple[Builder, str]] = {
     "blip2": (blip2.build_blip2, "opt"),
     "instructblip": (blip2.build_instructblip, "llama"),
     "llava_next": (llava_next.LLAVA_NEXT.build, "mistral"),
+    "gemma3": (gemma3.build, "gemma3"),
+    "idefics3": (idefics3.IDEFICS3.build, "llama"),
+    "smolvlm": (idefics3.SMOLVLM.build, "llama"),
+    "qwen2_vl": (qwen2_vl.QWEN2_VL.build, "qwen2"),
+    "qwen2_5_vl": (qwen2_vl.QWEN2_5_VL.build, "qwen2"),
 }
 
 

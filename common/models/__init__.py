@@ -14,11 +14,24 @@ from transformers import PretrainedConfig
 from common.errors import UnsupportedArchitectureError
 from common.models.base import ModelFamily
 from common.models.blip2 import Blip2Family, InstructBlipFamily
+from common.models.gemma3 import Gemma3Family
+from common.models.idefics3 import Idefics3Family, SmolVLMFamily
 from common.models.llava import LlavaFamily
 from common.models.llava_next import LlavaNextFamily
+from common.models.qwen2_vl import Qwen2_5_VLFamily, Qwen2VLFamily
 
 # Tried in order; the first family whose config class matches serves the checkpoint.
-FAMILIES: tuple[type[ModelFamily], ...] = (LlavaFamily, LlavaNextFamily, Blip2Family, InstructBlipFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (
+    LlavaFamily,
+    LlavaNextFamily,
+    Blip2Family,
+    InstructBlipFamily,
+    Gemma3Family,
+    Idefics3Family,
+    SmolVLMFamily,
+    Qwen2VLFamily,
+    Qwen2_5_VLFamily,
+)
 
 __all__ = ["FAMILIES", "ModelFamily", "family_for_config", "supported_architectures"]
 

@@ -367,8 +367,10 @@ def test_random_simulation_keeps_invariants_and_kv_contents(seed: int, prefix_ca
 # ------------------------------------------------------------------------------------------- attention blocks
 
 
-def block_request(request_id: str, prompt_len: int, blocks: tuple[tuple[int, int], ...], **kwargs: int) -> Request:
-    request = make_request(request_id, prompt_len, **kwargs)
+def block_request(
+    request_id: str, prompt_len: int, blocks: tuple[tuple[int, int], ...], max_tokens: int = 4, first_token: int = 10
+) -> Request:
+    request = make_request(request_id, prompt_len, max_tokens=max_tokens, first_token=first_token)
     request.attention_blocks = blocks
     return request
 
