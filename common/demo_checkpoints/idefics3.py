@@ -4,9 +4,9 @@ checkpoints: a SigLIP-style tower on square tiles, the pixel-shuffle connector, 
 They load offline with `AutoProcessor.from_pretrained` and the HF classes' `from_pretrained`, like
 `HuggingFaceM4/Idefics3-8B-Llama3` and `HuggingFaceTB/SmolVLM2-*`: `config.json`, `model.safetensors`, the tokenizer
 with Idefics3's special tokens (`<fake_token_around_image>`, `<image>`, `<global-img>`, `<end_of_utterance>`,
-`<row_i_col_j>`), the family's processor with its PIL image processor, and a chat template. SmolVLM's own processor
-(saved with its video processor) needs torchvision and num2words; `processor="idefics3"` saves Idefics3's processor
-instead, which treats images the same way. The processor's sizes are Idefics3's, scaled down from its 364-px tile:
+`<row_i_col_j>`), the family's processor with its PIL image processor, and a chat template (SmolVLM's processor
+is saved without its video processor, which needs torchvision: `ImagesOnlyProcessor`). The processor's sizes are
+Idefics3's, scaled down from its 364-px tile:
 
     Idefics3-8B:  tile 364, patch 14 -> 26 x 26 patches -> pixel shuffle (2) -> 169 tokens, longest edge 4 x 364
     tiny here:    tile  48, patch  8 ->  6 x  6 patches -> pixel shuffle (2) ->   9 tokens, longest edge 3 x 48
@@ -37,10 +37,8 @@ from transformers import (
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
-    SmolVLMProcessor,
     SmolVLMVisionConfig,
 )
-from transformers.utils import is_num2words_available, is_torchvision_available
 
 from common.demo_checkpoints.parts import (
     IMAGE_TOKEN,
@@ -54,6 +52,7 @@ from common.demo_checkpoints.parts import (
     special_token_ids,
     text_config,
 )
+from common.models.idefics3 import ImagesOnlySmolVLMProcessor
 
 SCALE_FACTOR = 2  # the connector's pixel shuffle: every 2 x 2 patch features become one token
 MAX_TILES_PER_SIDE = 3  # the processor's longest edge, in tiles (Idefics3-8B: 4)
@@ -100,34 +99,6 @@ def image_seq_len(preset: SizePreset, tile: int) -> int:
     return (tile // preset.patch_size) ** 2 // SCALE_FACTOR**2
 
 
-def idefics3_processor(image_processor: BaseImageProcessor, **settings: Any) -> ProcessorMixin:
-    return Idefics3Processor(image_processor=image_processor, **settings)
-
-
-def smolvlm_processor(image_processor: BaseImageProcessor, **settings: Any) -> ProcessorMixin:
-    """SmolVLM's own processor, with its video processor (saved with it; mmserve serves images only).
-
-    transformers 5.24 constructs a SmolVLMProcessor only with torchvision installed (without it
-    `VideoProcessorMixin`, the class every video processor is checked against, is not exported) and with
-    `num2words`; neither is an mmserve dependency.
-    """
-    available = {"torchvision": is_torchvision_available(), "num2words": is_num2words_available()}
-    missing = [name for name, present in available.items() if not present]
-    if missing:
-        raise RuntimeError(
-            f"SmolVLMProcessor cannot be built without {' and '.join(missing)} (transformers checks its video "
-            "processor against a torchvision-only class): install them, or build with processor='idefics3' "
-            "(Idefics3Processor: the same image processing and the same image prompt text)"
-        )
-    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
-
-    return SmolVLMProcessor(image_processor=image_processor, video_processor=SmolVLMVideoProcessor(), **settings)
-
-
-# processor name -> factory(image_processor, tokenizer=, image_seq_len=, chat_template=)
-PROCESSORS: dict[str, Callable[..., ProcessorMixin]] = {"idefics3": idefics3_processor, "smolvlm": smolvlm_processor}
-
-
 @dataclass(frozen=True)
 class Idefics3Like:
     """An Idefics3-style checkpoint kind (Idefics3, SmolVLM): names, HF classes and its own processor."""
@@ -137,7 +108,8 @@ class Idefics3Like:
     vision_config_class: Callable[..., PretrainedConfig]
     model_class: Callable[..., PreTrainedModel]
     image_processor_class: Callable[..., BaseImageProcessor]  # SmolVLM's is a copy of Idefics3's, no subclass
-    processor: str  # the family's own processor, a key of PROCESSORS
+    processor_class: Callable[..., ProcessorMixin]
+    hf_processor_name: str | None = None  # the class the saved configs name, when processor_class is images-only
 
     def build(
         self,
@@ -148,17 +120,13 @@ class Idefics3Like:
         size: str = "tiny",
         seed: int = 0,
         image_splitting: bool = True,
-        processor: str | None = None,
     ) -> Path:
         """Write a random-weight checkpoint of this kind and return its path. Same arguments, same files.
 
-        `processor` (default: the family's own) names the processor class saved with it; `image_splitting=False`
-        makes its image processor resize every image to one tile instead of splitting it.
+        `image_splitting=False` makes its image processor resize every image to one tile instead of splitting it.
         """
         check_choice("vision", vision, ("siglip",))
         check_choice("text", text, ("llama",))
-        processor_name = processor or self.processor
-        check_choice("processor", processor_name, tuple(PROCESSORS))
         preset, tile = size_preset(size), tile_side(size)
         tokenizer = build_idefics3_tokenizer(preset.vocab_size)
         image_processor = self.image_processor_class(
@@ -166,8 +134,8 @@ class Idefics3Like:
             max_image_size={"longest_edge": tile},
             do_image_splitting=image_splitting,
         )
-        made_processor = PROCESSORS[processor_name](
-            image_processor,
+        made_processor = self.processor_class(
+            image_processor=image_processor,
             tokenizer=tokenizer,
             image_seq_len=image_seq_len(preset, tile),
             chat_template=CHAT_TEMPLATE,
@@ -195,9 +163,9 @@ class Idefics3Like:
         model = self.model_class(config).eval()
         description: dict[str, Any] = {
             "family": self.family, "vision": vision, "text": text, "size": size, "seed": seed,
-            "image_splitting": image_splitting, "processor": processor_name,
+            "image_splitting": image_splitting,
         }  # fmt: skip
-        return save_checkpoint(out_dir, model, made_processor, description)
+        return save_checkpoint(out_dir, model, made_processor, description, self.hf_processor_name)
 
 
 IDEFICS3 = Idefics3Like(
@@ -206,7 +174,7 @@ IDEFICS3 = Idefics3Like(
     Idefics3VisionConfig,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
-    processor="idefics3",
+    Idefics3Processor,
 )
 SMOLVLM = Idefics3Like(
     "smolvlm",
@@ -214,5 +182,6 @@ SMOLVLM = Idefics3Like(
     SmolVLMVisionConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessorPil,
-    processor="smolvlm",
+    ImagesOnlySmolVLMProcessor,
+    hf_processor_name="SmolVLMProcessor",
 )

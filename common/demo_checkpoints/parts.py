@@ -179,9 +179,17 @@ def set_special_ids(config: PretrainedConfig, special_ids: dict[str, int]) -> No
 
 
 def save_checkpoint(
-    out_dir: str | Path, model: PreTrainedModel, processor: ProcessorMixin, description: dict[str, Any]
+    out_dir: str | Path,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    description: dict[str, Any],
+    hf_processor_name: str | None = None,
 ) -> Path:
-    """Write the model, its processor and a `mmserve_demo.json` describing how it was built."""
+    """Write the model, its processor and a `mmserve_demo.json` describing how it was built.
+
+    `hf_processor_name`: the HF processor class the saved configs name, where `processor` is an images-only
+    subclass of it (`ImagesOnlyProcessor`): the checkpoint then looks like a hub one.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None)
@@ -189,6 +197,11 @@ def save_checkpoint(
         model.generation_config.pad_token_id = pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if hf_processor_name is not None:
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            settings = json.loads((out / name).read_text())
+            settings["processor_class"] = hf_processor_name
+            (out / name).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     (out / "mmserve_demo.json").write_text(json.dumps(description, indent=2) + "\n")
     return out
 

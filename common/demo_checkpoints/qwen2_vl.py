@@ -20,7 +20,6 @@ than that really use several windows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,17 +217,8 @@ class QwenVLLike:
             "family": self.family, "vision": vision, "text": text, "size": size, "seed": seed,
             "tie_word_embeddings": tie_word_embeddings,
         }  # fmt: skip
-        out = save_checkpoint(out_dir, model, processor, description)
-        self._name_hf_processor(out)
-        return out
+        return save_checkpoint(out_dir, model, processor, description, hf_processor_name=self.hf_processor_name)
 
-    def _name_hf_processor(self, out: Path) -> None:
-        """Name HF's processor class where the images-only subclass wrote its own name, as a hub checkpoint does."""
-        for name in ("processor_config.json", "tokenizer_config.json"):
-            file = out / name
-            settings = json.loads(file.read_text())
-            settings["processor_class"] = self.hf_processor_name
-            file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 QWEN2_VL = QwenVLLike(

@@ -35,12 +35,30 @@ from typing import Any, ClassVar, Literal
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
 from common.errors import InvalidPrompt
 
 Half = Literal["vision", "text"]
 ImageSize = tuple[int, int]  # (height, width) in pixels, as Hugging Face processors take it
+
+
+class ImagesOnlyProcessor:
+    """Mix in before an HF processor class to leave its `video_processor` out.
+
+    `ProcessorMixin` takes its sub-processors from the `__init__` signature, so the subclass neither builds, checks,
+    loads nor saves a video processor; everything else is HF's, inherited. mmserve serves images only, and HF's
+    video processors need torchvision (not a dependency). Checkpoints keep naming HF's class.
+    """
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
+    ) -> None:
+        # video_processor=None for HF classes that require the argument; with it absent from this signature,
+        # ProcessorMixin keeps no video processor.
+        super().__init__(  # type: ignore[call-arg]
+            image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs
+        )
 
 
 @dataclass(frozen=True)
@@ -159,10 +177,13 @@ class ModelFamily(ABC):
                 return rule.half, rule.prefix + key[match.end() :]
         return None
 
+    # The processor class to load, when not AutoProcessor's choice: an images-only subclass of HF's processor
+    # (`ImagesOnlyProcessor`) where HF's insists on a video processor, which needs torchvision.
+    processor_class: ClassVar[type[ProcessorMixin] | None] = None
+
     def load_processor(self, path: Path) -> Any:
-        """The checkpoint's processor, as `AutoProcessor` loads it (a family may use an images-only subclass of
-        HF's processor where HF's would insist on a video processor, which needs torchvision)."""
-        return AutoProcessor.from_pretrained(path)
+        """The checkpoint's processor: `processor_class`, or the class `AutoProcessor` picks."""
+        return (self.processor_class or AutoProcessor).from_pretrained(path)
 
     @property
     def text_config(self) -> PretrainedConfig:

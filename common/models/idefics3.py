@@ -47,6 +47,7 @@ from transformers import (
     Idefics3Config,
     PretrainedConfig,
     PreTrainedModel,
+    ProcessorMixin,
     SmolVLMConfig,
 )
 from transformers.models.idefics3.modeling_idefics3 import (
@@ -55,9 +56,18 @@ from transformers.models.idefics3.modeling_idefics3 import (
     Idefics3VisionTransformer,
 )
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector, SmolVLMModel, SmolVLMVisionTransformer
+from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
 from common.errors import CheckpointError, InvalidPrompt
-from common.models.base import ImageSize, ModelFamily, PreparedImage, PromptImage, VisionModule, key_rule
+from common.models.base import (
+    ImageSize,
+    ImagesOnlyProcessor,
+    ModelFamily,
+    PreparedImage,
+    PromptImage,
+    VisionModule,
+    key_rule,
+)
 
 # Not an input of get_image_features: the (rows, cols) tile grid the image processor chose, [1, 2] per image.
 TILE_GRID = "tile_grid"
@@ -205,6 +215,23 @@ class Idefics3Family(ModelFamily):
         return str(processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, image_idx=0))
 
 
+class ImagesOnlySmolVLMProcessor(ImagesOnlyProcessor, SmolVLMProcessor):
+    """SmolVLM's processor without its video processor (which needs torchvision; checkpoints name HF's class)."""
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        image_seq_len: int = 169,  # in the signature, so that it is saved and loaded with the processor
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, image_seq_len=image_seq_len, **kwargs)
+
+    # SmolVLM's own override only adds its video processor's frame-sampling defaults (and a video template).
+    apply_chat_template = ProcessorMixin.apply_chat_template
+
+
 class SmolVLMFamily(Idefics3Family):
     """Idefics3's rules; SmolVLM's own model classes (its get_image_features keeps one tile when all are padding)
     and processor (`replace_image_token` writes the same text)."""
@@ -218,3 +245,4 @@ class SmolVLMFamily(Idefics3Family):
         "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
     )
     vision_class = SmolVLMVision
+    processor_class = ImagesOnlySmolVLMProcessor

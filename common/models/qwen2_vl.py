@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
@@ -79,6 +78,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 from common.errors import InvalidPrompt
 from common.models.base import (
     CAUSAL_LM_KEY_RULES,
+    ImagesOnlyProcessor,
     ModelFamily,
     PositionPlan,
     PreparedImage,
@@ -90,21 +90,11 @@ from common.models.base import (
 # --- processors: HF's own, without the video processor -----------------------------------------------------------
 
 
-class _ImagesOnly:
-    """HF's constructor with `video_processor` left out: `ProcessorMixin` takes its sub-processors from the
-    `__init__` signature, so the processor neither builds, checks, loads nor saves a video processor."""
-
-    def __init__(
-        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)  # type: ignore[call-arg]
-
-
-class ImagesOnlyQwen2VLProcessor(_ImagesOnly, Qwen2VLProcessor):
+class ImagesOnlyQwen2VLProcessor(ImagesOnlyProcessor, Qwen2VLProcessor):
     pass
 
 
-class ImagesOnlyQwen2_5_VLProcessor(_ImagesOnly, Qwen2_5_VLProcessor):
+class ImagesOnlyQwen2_5_VLProcessor(ImagesOnlyProcessor, Qwen2_5_VLProcessor):
     pass
 
 
@@ -181,7 +171,7 @@ class Qwen2VLFamily(ModelFamily):
         key_rule(r"^model\.", "text", "model."),  # the hub's decoder stack
     )
     position_dims = 3
-    processor_class: ClassVar[type[ProcessorMixin]] = ImagesOnlyQwen2VLProcessor
+    processor_class: ClassVar[type[ProcessorMixin] | None] = ImagesOnlyQwen2VLProcessor
     vision_class: ClassVar[type[Qwen2VLVision]] = Qwen2VLVision
     text_class: ClassVar[type[Qwen2VLTextCausalLM]] = Qwen2VLTextCausalLM
     rope_index_class: ClassVar[type[Qwen2VLRopeIndex]] = Qwen2VLRopeIndex
@@ -197,10 +187,6 @@ class Qwen2VLFamily(ModelFamily):
     @property
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
-
-    def load_processor(self, path: Path) -> Any:
-        """HF's processor class of the family, less its video processor (which would need torchvision)."""
-        return self.processor_class.from_pretrained(path)
 
     def build_text(self) -> PreTrainedModel:
         return self.text_class._from_config(self.text_config)

@@ -28,21 +28,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
-    AutoProcessor,
     Idefics3ForConditionalGeneration,
     PreTrainedModel,
     SmolVLMForConditionalGeneration,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
-from transformers.utils import is_num2words_available, is_torchvision_available
+from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor, get_image_prompt_string
 
-from common.checkpoint import load_text_half, load_vision_half
+from common.checkpoint import load_processor, load_text_half, load_vision_half
 from common.config import EngineConfig, ModelConfig
-from common.demo_checkpoints import build_checkpoint
 from common.images.vision_encoder import VisionEncoder
 from common.models import family_for_config, supported_architectures
-from common.models.base import ModelFamily, PromptImage, collate
+from common.models.base import ModelFamily, collate
 from common.models.idefics3 import Idefics3Family, SmolVLMFamily
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine
 from generator_service.engine.sampling_params import SamplingParams
@@ -94,7 +91,7 @@ def _prompt(question: str, num_images: int) -> str:
 def paths(checkpoint_factory: CheckpointFactory) -> dict[str, Path]:
     return {
         "idefics3": checkpoint_factory(family="idefics3"),
-        "smolvlm": checkpoint_factory(family="smolvlm", processor="idefics3"),
+        "smolvlm": checkpoint_factory(family="smolvlm"),
         "unsplit": checkpoint_factory(family="idefics3", image_splitting=False),
     }
 
@@ -112,7 +109,7 @@ class Harness:
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
-        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor = load_processor(path)  # SmolVLM: HF's processor less its video processor
         self.model = MODEL_CLASSES[name].from_pretrained(path).eval()
         self.family = family_for_config(self.model.config)
         self.inputs = InputProcessor(self.processor, self.family)
@@ -384,20 +381,12 @@ def test_smolvlm_prompt_text_is_idefics3s(harnesses: dict[str, Harness]) -> None
         assert smolvlm == idefics3, (rows, cols)
 
 
-def test_smolvlm_own_processor_needs_torchvision(tmp_path: Path) -> None:
-    """The default SmolVLM builder saves SmolVLMProcessor, which transformers builds only with torchvision and
-    num2words; without them the builder says so (and what to do)."""
-    if is_torchvision_available() and is_num2words_available():
-        path = build_checkpoint(tmp_path / "smolvlm", family="smolvlm")
-        processor = AutoProcessor.from_pretrained(path)
-        assert type(processor).__name__ == "SmolVLMProcessor"
-        expected = get_image_prompt_string(2, 3, TILE_TOKENS, "<fake_token_around_image>", "<image>", "<global-img>")
-        family = family_for_config(AutoConfig.from_pretrained(path))
-        image = PromptImage(TILE_TOKENS * (2 * 3 + 1), (2, 3))
-        assert family.image_text(processor, "<image>", image) == expected
-    else:
-        with pytest.raises(RuntimeError, match="processor='idefics3'"):
-            build_checkpoint(tmp_path / "smolvlm", family="smolvlm")
+def test_smolvlm_checkpoint_names_hf_processor_and_loads_images_only(harnesses: dict[str, Harness]) -> None:
+    """SmolVLM's own processor class, less its video processor (torchvision): the saved config names HF's."""
+    path = harnesses["smolvlm"].path
+    assert json.loads((path / "processor_config.json").read_text())["processor_class"] == "SmolVLMProcessor"
+    processor = load_processor(path)
+    assert isinstance(processor, SmolVLMProcessor) and not hasattr(processor, "video_processor")
 
 
 # --- 4. the engine against generate -------------------------------------------------------------------------------
