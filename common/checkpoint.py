@@ -290,6 +290,19 @@ def load_image_processor(path: Path) -> Any:
     return processor
 
 
+def generation_eos_token_ids(path: Path) -> frozenset[int] | None:
+    """The end-of-sequence ids of the checkpoint's `generation_config.json` (HF generate stops at any of them), or
+    None when it names none."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return None
+    eos = json.loads(file.read_text()).get("eos_token_id")
+    if eos is None:
+        return None
+    ids = eos if isinstance(eos, list) else [eos]
+    return frozenset(int(token) for token in ids) or None
+
+
 def image_placeholder(processor: Any) -> str:
     """The processor's image placeholder text (`<image>` for LLaVA; BLIP-2 keeps it as an AddedToken)."""
     token = processor.image_token

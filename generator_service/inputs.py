@@ -27,7 +27,13 @@ from generator_service.engine.llm_engine import EngineRequest
 from generator_service.engine.request import ImageSpan
 from generator_service.engine.sampling_params import SamplingParams
 
-__all__ = ["InputProcessor", "InvalidPrompt", "TokenizedPrompt"]
+__all__ = ["InputProcessor", "InvalidPrompt", "RenderedChat", "TokenizedPrompt"]
+
+
+class RenderedChat(str):
+    """A prompt the checkpoint's chat template rendered. It is tokenized as HF's `apply_chat_template(tokenize=True)`
+    does: without the tokenizer's own special tokens when the template already wrote the BOS token (Gemma), so the
+    prompt never starts with two."""
 
 
 @dataclass(frozen=True)
@@ -63,21 +69,17 @@ class InputProcessor:
         self.image_token_id: int = family.image_token_id
         self.tokens_per_image = family.tokens_per_image(processor)  # None: it varies per image
 
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        eos = self.tokenizer.eos_token_id
-        return frozenset() if eos is None else frozenset({int(eos)})
-
-    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> RenderedChat:
         """The prompt `processor.apply_chat_template(messages, add_generation_prompt=True)` renders."""
         if not messages:
             raise InvalidPrompt("messages is empty")
         if getattr(self.processor, "chat_template", None) is None:
             raise InvalidPrompt("this checkpoint has no chat template: send a formatted prompt instead")
         try:
-            return str(self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False))
+            rendered = self.processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja errors: the template rejected the conversation's shape
             raise InvalidPrompt(f"the chat template could not render these messages: {exc}") from None
+        return RenderedChat(rendered)
 
     def check_placeholders(self, prompt: str, num_images: int) -> None:
         """Raise InvalidPrompt unless the prompt fits its images (before any encoding)."""
@@ -117,7 +119,11 @@ class InputProcessor:
                 )
         layouts = image_layouts if image_layouts is not None else [()] * len(image_rows)
         images = [PromptImage(rows, tuple(layout)) for rows, layout in zip(image_rows, layouts, strict=True)]
-        token_ids = self.family.prompt_token_ids(self.processor, prompt, self.image_token, images)
+        bos = self.tokenizer.bos_token
+        template_wrote_bos = isinstance(prompt, RenderedChat) and bos is not None and prompt.startswith(bos)
+        token_ids = self.family.prompt_token_ids(
+            self.processor, prompt, self.image_token, images, add_special_tokens=not template_wrote_bos
+        )
         runs = _runs_of(token_ids, self.image_token_id)
         if sum(end - start for start, end in runs) != sum(image_rows):
             raise InvalidPrompt(

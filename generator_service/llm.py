@@ -179,7 +179,9 @@ class LLM:
             if images:
                 raise ValueError("prompt_token_ids with images is not supported: pass the prompt text")
             return [int(t) for t in prompt["prompt_token_ids"]], []
-        text = str(prompt["prompt"])
+        text = prompt["prompt"]  # a RenderedChat from chat() keeps its type: it is tokenized as HF tokenizes chats
+        if not isinstance(text, str):
+            raise ValueError(f"prompt must be a string, got {type(text).__name__}")
         self.inputs.check_placeholders(text, len(images))  # before encoding: a mismatch wastes no forward pass
         return text, images
 

@@ -279,10 +279,16 @@ class ModelFamily(ABC):
             )
 
     def prompt_token_ids(
-        self, processor: Any, prompt: str, placeholder: str, images: Sequence[PromptImage]
+        self,
+        processor: Any,
+        prompt: str,
+        placeholder: str,
+        images: Sequence[PromptImage],
+        add_special_tokens: bool = True,
     ) -> list[int]:
         """Token ids of `prompt` with every image expanded, as the processor lays them out: exactly `rows` image
         tokens per image, in order (possibly interleaved with other tokens, e.g. Idefics3's row/column tags).
+        `add_special_tokens`: whether the tokenizer adds its own (BOS...), as `processor(text=...)` does.
 
         Default: each placeholder is replaced in place by `image_text`, then the whole text is tokenized.
         """
@@ -290,7 +296,7 @@ class ModelFamily(ABC):
         expanded = pieces[0]
         for image, piece in zip(images, pieces[1:], strict=True):
             expanded += self.image_text(processor, placeholder, image) + piece
-        return [int(token) for token in processor.tokenizer(expanded).input_ids]
+        return [int(token) for token in processor.tokenizer(expanded, add_special_tokens=add_special_tokens).input_ids]
 
     def image_text(self, processor: Any, placeholder: str, image: PromptImage) -> str:
         """The text one image's placeholder becomes (default: the placeholder once per embedding row)."""

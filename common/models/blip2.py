@@ -199,13 +199,19 @@ class QFormerFamily(ModelFamily):
             )
 
     def prompt_token_ids(
-        self, processor: Any, prompt: str, placeholder: str, images: Sequence[PromptImage]
+        self,
+        processor: Any,
+        prompt: str,
+        placeholder: str,
+        images: Sequence[PromptImage],
+        add_special_tokens: bool = True,
     ) -> list[int]:
         """The image's tokens (no BOS, no padding), then the tokenized prompt, as Blip2Processor lays them out."""
         tokenizer = processor.tokenizer
         image_text = "".join(self.image_text(processor, placeholder, image) for image in images)
         image_ids = tokenizer(image_text, add_special_tokens=False).input_ids if image_text else []
-        return [int(token) for token in [*image_ids, *tokenizer(prompt).input_ids]]
+        text_ids = tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
+        return [int(token) for token in [*image_ids, *text_ids]]
 
 
 class Blip2Family(QFormerFamily):

@@ -19,7 +19,13 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import TextHalf, load_processor, load_text_half, resolve_checkpoint
+from common.checkpoint import (
+    TextHalf,
+    generation_eos_token_ids,
+    load_processor,
+    load_text_half,
+    resolve_checkpoint,
+)
 from common.config import EngineConfig
 from common.models.base import PositionPlan
 from generator_service.engine.block_manager import BlockManager
@@ -84,7 +90,9 @@ class _Tracked:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, text_half: TextHalf, processor: Any) -> None:
+    def __init__(
+        self, config: EngineConfig, text_half: TextHalf, processor: Any, eos_token_ids: frozenset[int] | None = None
+    ) -> None:
         self.config = config
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -107,8 +115,10 @@ class LLMEngine:
             num_blocks=num_blocks,
             position_dims=text_half.family.position_dims,
         )
+        # What ends a request (unless ignore_eos): the checkpoint's generation config's ids, as HF generate uses
+        # (gemma-3-it: <eos> and <end_of_turn>), else the tokenizer's EOS.
         eos = self.tokenizer.eos_token_id
-        self.eos_token_ids = frozenset() if eos is None else frozenset({int(eos)})
+        self.eos_token_ids = eos_token_ids or (frozenset() if eos is None else frozenset({int(eos)}))
         self._tracked: dict[str, _Tracked] = {}
         logger.info(
             "engine ready: %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_seqs %d, "
@@ -124,7 +134,7 @@ class LLMEngine:
         model = config.model
         path = resolve_checkpoint(model.model, model.revision)
         text_half = load_text_half(path, dtype=model.dtype, device=model.device)
-        return cls(config, text_half, load_processor(path))
+        return cls(config, text_half, load_processor(path), generation_eos_token_ids(path))
 
     @staticmethod
     def _blocks_for_memory(text_half: TextHalf, config: EngineConfig, max_model_len: int) -> int:

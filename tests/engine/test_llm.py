@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,22 @@ def test_bad_prompts(tiny_checkpoint: Path) -> None:
         llm.generate(["a"], [SamplingParams(), SamplingParams()])
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_every_eos_id_of_the_generation_config_stops_like_hf(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Chat checkpoints list several end ids in generation_config.json (gemma-3-it: <eos>, <end_of_turn>): HF
+    generate stops at any of them, so must the engine."""
+    prompt = "USER: hello, who are you? ASSISTANT:"
+    baseline = _reference(tiny_checkpoint, prompt, [], 10)
+    stop_at = next(token for token in baseline[2:] if token not in baseline[:2])  # a token first emitted later
+    path = tmp_path / "two-eos"
+    shutil.copytree(tiny_checkpoint, path)
+    generation = json.loads((path / "generation_config.json").read_text())
+    generation["eos_token_id"] = [generation["eos_token_id"], stop_at]
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    expected = _reference(path, prompt, [], 10)
+    assert expected == baseline[: baseline.index(stop_at) + 1]  # HF stops there
+    with LLM(str(path), block_size=4, num_kv_blocks=64) as llm:
+        output = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0))[0]
+    assert output.token_ids == expected
+    assert output.finish_reason == "stop" and output.stop_reason == stop_at

@@ -413,11 +413,6 @@ def test_chat_template_writes_the_placeholder_the_prompts_use(harness: Harness) 
     assert rendered == "<bos>" + _prompt("What is in the picture?", 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared layer: a rendered chat prompt is tokenized with special tokens, so Gemma's template's own "
-    "{{ bos_token }} gets a second BOS; HF's apply_chat_template(tokenize=True) adds none",
-)
 def test_chat_prompt_ids_equal_hf_apply_chat_template(harness: Harness) -> None:
     image = harness.images[0]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]

@@ -57,11 +57,24 @@ def _llava_prompt(question: str, num_images: int) -> str:
     return "USER: " + "<image>\n" * num_images + question + " ASSISTANT:"
 
 
+def _qwen_prompt(question: str, num_images: int) -> str:
+    return "<|vision_start|><|image_pad|><|vision_end|>" * num_images + question
+
+
+def _idefics3_prompt(question: str, num_images: int) -> str:
+    return "User:" + "<image>" * num_images + question + "<end_of_utterance>\nAssistant:"
+
+
 SPECS = {
     "llava": Spec("llava", _llava_prompt, max_images=2, fixed_tokens=True),
     "llava_next": Spec("llava_next", _llava_prompt, max_images=2, fixed_tokens=False),
     "blip2": Spec("blip2", lambda question, _: f"Question: {question} Answer:", max_images=1, fixed_tokens=True),
     "instructblip": Spec("instructblip", lambda question, _: question, max_images=1, fixed_tokens=True),
+    "gemma3": Spec("gemma3", lambda question, n: "<start_of_image>" * n + question, max_images=2, fixed_tokens=True),
+    "qwen2_vl": Spec("qwen2_vl", _qwen_prompt, max_images=2, fixed_tokens=False),
+    "qwen2_5_vl": Spec("qwen2_5_vl", _qwen_prompt, max_images=2, fixed_tokens=False),
+    "idefics3": Spec("idefics3", _idefics3_prompt, max_images=2, fixed_tokens=False),
+    "smolvlm": Spec("smolvlm", _idefics3_prompt, max_images=2, fixed_tokens=False),
 }
 QUESTIONS = ["What is in the picture?", "Describe it in one word.", "Which colours?", "hello, who are you?"]
 
@@ -113,7 +126,7 @@ def test_offline_chat_uses_the_checkpoints_template(spec: Spec, checkpoint: Path
     if reference.processor.chat_template is None:
         pytest.skip(f"{spec.family}'s checkpoints have no chat template (raw prompts only)")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in it?"}]}]
-    expected = reference.generate(reference.chat_prompt(messages), [IMAGES[2]], MAX_TOKENS)
+    expected = reference.generate(reference.chat_prompt(messages), [IMAGES[2]], MAX_TOKENS, chat=True)
     with LLM(str(checkpoint), block_size=4, num_kv_blocks=128) as llm:
         chatted = llm.chat(messages, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), images=[IMAGES[2]])
     assert chatted.token_ids == expected

@@ -178,11 +178,17 @@ class Reference:
         self.model = model_class.from_pretrained(path).eval()
         self._memo: dict[tuple[str, tuple[bytes, ...], int], list[int]] = {}
 
-    def generate(self, prompt: str, images: Sequence[bytes], max_tokens: int) -> list[int]:
+    def generate(self, prompt: str, images: Sequence[bytes], max_tokens: int, *, chat: bool = False) -> list[int]:
+        """`chat`: the prompt was rendered by the chat template, and is tokenized as HF's
+        `apply_chat_template(tokenize=True)` does (no second BOS when the template wrote one)."""
         key = (prompt, tuple(images), max_tokens)
         if key not in self._memo:
             pil = [decode_image(data) for data in images]  # the encoder's own decoding of the same bytes
-            inputs = self.processor(text=prompt, images=pil or None, return_tensors="pt")
+            bos = self.processor.tokenizer.bos_token
+            special = not (chat and bos is not None and prompt.startswith(bos))
+            inputs = self.processor(
+                text=prompt, images=pil or None, return_tensors="pt", add_special_tokens=special
+            )
             model, kwargs = self.model, dict(inputs)
             if not pil and "pixel_values" in inspect.signature(model.generate).parameters:
                 # BLIP-2 style: the text path is the language model alone (the QFormer's inputs go nowhere)

@@ -123,7 +123,7 @@ def test_chat_messages_render_with_the_chat_template(stack: Stack, reference: Re
     )
     result = generate(stack.generator.address, message)
     assert result.code == grpc.StatusCode.OK, result.details
-    assert result.token_ids == reference.generate(reference.chat_prompt(hf_messages), [image], MAX_TOKENS)
+    assert result.token_ids == reference.generate(reference.chat_prompt(hf_messages), [image], MAX_TOKENS, chat=True)
 
 
 def test_sampling_options_reach_the_engine(stack: Stack, reference: Reference) -> None:
