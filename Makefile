@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The oldest transformers release we support; `make test-compat` runs the suite against it.
 COMPAT_TRANSFORMERS := 5.17.0
 COMPAT_VENV := .venv-compat
-# `make demo FAMILY=llava_next` (or blip2, instructblip): the demo on a tiny checkpoint of that model family.
+# `make demo FAMILY=llava_next` (or any family in the README table): the demo on a tiny checkpoint of that family.
 FAMILY ?= llava
 DEMO_MODEL := .cache/models/demo-$(FAMILY)-tiny
 BENCH_MODEL := .cache/models/bench
@@ -16,7 +16,7 @@ PROTOS := protos/encoder.proto protos/generator.proto
 
 help:
 	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
-	@echo "                 (FAMILY=llava|llava_next|blip2|instructblip picks the model family; default llava)"
+	@echo "                 (FAMILY=<a family of the README table> picks the model family; default llava)"
 	@echo "make test        run the test suite (installs dependencies first)"
 	@echo "make test-compat the test suite against transformers $(COMPAT_TRANSFORMERS) (oldest supported)"
 	@echo "make install     create $(VENV) with the pinned dependencies"

@@ -1,7 +1,8 @@
 """Build a random-weight checkpoint of any supported model family in the standard Hugging Face layout.
 
-    python -m common.demo_model OUT_DIR [--family llava|llava_next|blip2|instructblip] [--vision clip|siglip|blip]
-                                        [--text llama|qwen2|mistral|opt] [--size tiny|bench] [--seed N]
+    python -m common.demo_model OUT_DIR [--family F] [--vision V] [--text T] [--size tiny|bench] [--seed N]
+
+    F: llava, llava_next, blip2, instructblip, qwen2_vl, qwen2_5_vl, gemma3, idefics3, smolvlm (--help lists them)
 
 Tests, the demo and benchmarks use these checkpoints because no weights can be downloaded here; the builders are
 in `common/demo_checkpoints/`.
