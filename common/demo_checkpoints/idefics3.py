@@ -27,7 +27,6 @@ from transformers import (
     BaseImageProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessorPil,
     Idefics3Processor,
     Idefics3VisionConfig,
     PretrainedConfig,
@@ -36,9 +35,13 @@ from transformers import (
     ProcessorMixin,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
-    SmolVLMImageProcessorPil,
     SmolVLMVisionConfig,
 )
+
+# From their modules: without torchvision, transformers 5.17 exports the PIL image processors at the top level as
+# placeholders that refuse to build.
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from common.demo_checkpoints.parts import (
     IMAGE_TOKEN,

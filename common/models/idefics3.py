@@ -38,9 +38,12 @@ mapping exists for these classes); a bare `Idefics3Model` / `SmolVLMModel` save 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import torch
+import transformers
+from packaging.version import Version
 from PIL import Image
 from torch import nn
 from transformers import (
@@ -68,6 +71,15 @@ from common.models.base import (
     VisionModule,
     key_rule,
 )
+
+# Older releases (5.17 seen) resolve these families' PIL image processor to torchvision's, and fail without it.
+MIN_TRANSFORMERS = "5.24"
+
+
+def processor_loads_without_torchvision() -> bool:
+    """Whether this transformers release loads Idefics3 / SmolVLM processors without torchvision."""
+    return Version(transformers.__version__) >= Version(MIN_TRANSFORMERS)
+
 
 # Not an input of get_image_features: the (rows, cols) tile grid the image processor chose, [1, 2] per image.
 TILE_GRID = "tile_grid"
@@ -158,6 +170,14 @@ class Idefics3Family(ModelFamily):
         """(rows, cols) of the image's tile grid; (0, 0) when the processor did not split it."""
         rows, cols = image.tensors[TILE_GRID][0].tolist()
         return int(rows), int(cols)
+
+    def load_processor(self, path: Path) -> Any:
+        if not processor_loads_without_torchvision():
+            raise CheckpointError(
+                f"transformers {transformers.__version__} loads the {self.architectures[0]} processor only with "
+                f"torchvision, which mmserve does not install: use transformers >= {MIN_TRANSFORMERS} (as pinned)"
+            )
+        return super().load_processor(path)
 
     def tokens_per_image(self, processor: Any) -> int | None:
         """One tile's tokens when the processor never splits images; None when the tile count varies."""

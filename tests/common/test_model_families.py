@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, MllamaConfig
 
-from common.checkpoint import load_text_half, load_vision_half
+from common.checkpoint import load_processor, load_text_half, load_vision_half
 from common.errors import CheckpointError, UnsupportedArchitectureError
 from common.models import FAMILIES, family_for_config, supported_architectures
 from common.models.llava import LlavaFamily
@@ -117,3 +118,14 @@ def test_no_family_names_outside_the_family_layer() -> None:
                 if pattern.search(line):
                     offenders.append(f"{file.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_transformers_release_that_cannot_load_a_family_processor_is_named(
+    checkpoint_factory: CheckpointFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers 5.17 resolves Idefics3's PIL image processor to torchvision's: refused, saying what to do."""
+    path = checkpoint_factory(family="idefics3")
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(CheckpointError, match=r"transformers 5\.17\.0 loads the Idefics3ForConditionalGeneration "
+                       r"processor only with torchvision.*>= 5\.24"):
+        load_processor(path)

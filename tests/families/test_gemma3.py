@@ -13,6 +13,7 @@ Pan and scan (crops: one image in several runs, each its own block) is covered t
 from __future__ import annotations
 
 import copy
+import inspect
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -373,13 +374,16 @@ def test_prefill_masks_equal_gemma3_model_for_every_chunk_the_scheduler_may_cut(
     request = harness.request("m", case)
     inputs = harness.hf_inputs(case.prompt, [harness.images[i] for i in case.images])
     num_tokens = inputs["input_ids"].shape[1]
+    # The cache argument was renamed in 5.x (past_key_values -> cache); no cache either way.
+    parameters = inspect.signature(harness.model.create_masks_for_generate).parameters
+    no_cache = {"cache": None} if "cache" in parameters else {"past_key_values": None}
     hf = harness.model.create_masks_for_generate(  # what generate() gives the prefill
         config=harness.model.config,  # sdpa: boolean masks
         inputs_embeds=torch.zeros(1, num_tokens, 8),
         attention_mask=inputs["attention_mask"],
-        cache=None,
         position_ids=torch.arange(num_tokens)[None],
         token_type_ids=inputs["token_type_ids"],
+        **no_cache,
     )
     expected = {None: hf["full_attention"][0, 0], WINDOW: hf["sliding_attention"][0, 0]}  # [T, T] each
     engine_request = Request("m", request.prompt_token_ids, request.sampling, attention_blocks=request.attention_blocks)

@@ -40,12 +40,17 @@ from common.config import EngineConfig, ModelConfig
 from common.images.vision_encoder import VisionEncoder
 from common.models import family_for_config, supported_architectures
 from common.models.base import ModelFamily, collate
-from common.models.idefics3 import Idefics3Family, SmolVLMFamily
+from common.models.idefics3 import Idefics3Family, SmolVLMFamily, processor_loads_without_torchvision
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.inputs import InputProcessor, InvalidPrompt, TokenizedPrompt
 from tests.conftest import CheckpointFactory
 from tests.engine.test_engine_exactness import drive, tokens
+
+pytestmark = pytest.mark.skipif(
+    not processor_loads_without_torchvision(),
+    reason="this transformers release loads Idefics3/SmolVLM processors only with torchvision (not installed)",
+)
 
 MAX_TOKENS = 12
 BLOCK_SIZE = 4
