@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -34,7 +34,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from common.demo_checkpoints.parts import CORPUS_PATH, check_choice, save_checkpoint, seeded, size_preset
+from common.demo_checkpoints.parts import CORPUS_PATH, check_choice, save_checkpoint, seeded, size_preset, train_bpe
 
 VISION_CHOICES = ("siglip",)
 TEXT_CHOICES = ("gemma3",)
@@ -197,18 +197,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     like in Gemma's vocabulary: the processor's "\\n\\n" around every image then tokenizes together with the text
     next to it, which an expansion that tokenized the pieces separately would get wrong.
     """
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     lines = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
     paragraphs = ["\n\n".join(lines[i : i + 3]) for i in range(len(lines))] + ["\n\n\n\n".join(lines[:4])]
-    tokenizer.train_from_iterator(lines + paragraphs, trainer=trainer)
+    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS, extra_texts=paragraphs)
     bos_id = tokenizer.token_to_id("<bos>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]

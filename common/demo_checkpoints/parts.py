@@ -12,6 +12,7 @@ real deployment's shapes, scaled down: a CLIP-B/16 tower at 224 px and a ~30M-pa
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,19 +82,28 @@ def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{what} must be one of {choices}, got {value!r}")
 
 
-def build_tokenizer(vocab_size: int = SIZE_PRESETS["tiny"].vocab_size) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the bundled corpus (deterministic)."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+def train_bpe(
+    vocab_size: int, special_tokens: Sequence[str], unk_token: str | None = "<unk>", extra_texts: Sequence[str] = ()
+) -> Tokenizer:
+    """A byte-level BPE trained on the bundled corpus (and `extra_texts`), deterministic; every family's demo
+    tokenizer starts from one and adds its own special tokens and BOS rule."""
+    tokenizer = Tokenizer(models.BPE(unk_token=unk_token))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     lines = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
-    tokenizer.train_from_iterator(lines, trainer=trainer)
+    tokenizer.train_from_iterator([*lines, *extra_texts], trainer=trainer)
+    return tokenizer
+
+
+def build_tokenizer(vocab_size: int = SIZE_PRESETS["tiny"].vocab_size) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the bundled corpus (deterministic), `<s>` prepended as LLaVA's Llama does."""
+    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS)
     bos_id = tokenizer.token_to_id("<s>")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     PretrainedConfig,
     PreTrainedModel,
@@ -38,7 +37,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from common.demo_checkpoints.parts import CORPUS_PATH, SizePreset, check_choice, save_checkpoint, seeded, size_preset
+from common.demo_checkpoints.parts import SizePreset, check_choice, save_checkpoint, seeded, size_preset, train_bpe
 from common.models.qwen2_vl import ImagesOnlyQwen2_5_VLProcessor, ImagesOnlyQwen2VLProcessor
 
 MERGE_SIZE = 2  # the patch merger: 2 x 2 neighbouring patches -> one token, as in every Qwen2(.5)-VL
@@ -78,18 +77,8 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the bundled corpus with Qwen's special tokens; like Qwen's, it adds no BOS."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").splitlines(), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=train_bpe(vocab_size, SPECIAL_TOKENS, unk_token=None),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={
