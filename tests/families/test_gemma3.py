@@ -43,6 +43,7 @@ from generator_service.engine.scheduler import RequestRejected
 from generator_service.inputs import InputProcessor
 from tests.conftest import CheckpointFactory, to_legacy_hub_layout
 from tests.engine.test_engine_exactness import drive, tokens
+from tests.families.support import abort_in_phases
 
 MAX_TOKENS = 12
 BLOCK_SIZE = 4
@@ -556,34 +557,8 @@ def test_abort_mid_way_leaves_others_unchanged(harness: Harness, cases: list[Cas
     engine = harness.engine(max_num_batched_tokens=11)
     arrivals = {0: [harness.request(f"r{i}", case) for i, case in enumerate(cases[:6])]}
     phases = {"r1": "prefill", "r4": "decode"}  # a text prompt mid-prefill, an image prompt while decoding
-    aborted_in: dict[str, str] = {}
-
-    def phase(request_id: str, engine: LLMEngine) -> str | None:
-        request = engine.scheduler.get_request(request_id)
-        if request is None or request.num_computed_tokens == 0:
-            return None
-        if request.num_output_tokens >= 2:
-            return "decode"
-        return "prefill" if request.num_computed_tokens < request.num_prompt_tokens else None
-
-    whole = _images_whole(arrivals)
-
-    def abort(step: int, engine: LLMEngine) -> None:
-        whole(step, engine)
-        for request_id, wanted in phases.items():
-            if request_id not in aborted_in and phase(request_id, engine) == wanted:
-                engine.abort_request(request_id)
-                aborted_in[request_id] = wanted
-
-    outputs = drive(engine, arrivals, abort)
-    assert aborted_in == phases  # each abort really happened in its phase
-    for i, case in enumerate(cases[:6]):
-        generated = tokens(outputs[f"r{i}"])
-        if f"r{i}" in phases:
-            assert outputs[f"r{i}"][-1].finish_reason == "abort"
-            assert generated == case.reference[: len(generated)]
-        else:
-            assert generated == case.reference
+    references = [case.reference for case in cases[:6]]
+    abort_in_phases(engine, arrivals, phases, references, inside_image=None, on_step=_images_whole(arrivals))
 
 
 def _wider_blocks(request: EngineRequest) -> EngineRequest:

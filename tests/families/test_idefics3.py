@@ -42,10 +42,12 @@ from common.models import family_for_config, supported_architectures
 from common.models.base import ModelFamily, collate
 from common.models.idefics3 import Idefics3Family, SmolVLMFamily, processor_loads_without_torchvision
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine
+from generator_service.engine.request import Request
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.inputs import InputProcessor, InvalidPrompt, TokenizedPrompt
 from tests.conftest import CheckpointFactory
 from tests.engine.test_engine_exactness import drive, tokens
+from tests.families.support import abort_in_phases
 
 pytestmark = pytest.mark.skipif(
     not processor_loads_without_torchvision(),
@@ -495,34 +497,15 @@ def test_abort_mid_way_leaves_others_unchanged(harness: Harness) -> None:
     arrivals = {0: [harness.request(f"r{i}", case) for i, case in enumerate(cases)]}
     # r1 (text) mid-prefill, r2 (two images) with its prefill stopped inside an image, r4 while decoding.
     phases = {"r1": "prefill", "r2": "inside-image", "r4": "decode"}
-    aborted_in: dict[str, str] = {}
+    abort_in_phases(
+        engine, arrivals, phases, [case.reference for case in cases], inside_image=_between_first_and_last_run
+    )
 
-    def phase(request_id: str, engine: LLMEngine) -> str | None:
-        request = engine.scheduler.get_request(request_id)
-        if request is None or request.num_computed_tokens == 0:
-            return None
-        if request.num_output_tokens >= 2:
-            return "decode"
-        computed, spans = request.num_computed_tokens, request.image_spans
-        if spans and spans[0].offset < computed < spans[-1].end:
-            return "inside-image"
-        return "prefill" if computed < request.num_prompt_tokens else None
 
-    def abort(step: int, engine: LLMEngine) -> None:
-        for request_id, wanted in phases.items():
-            if request_id not in aborted_in and phase(request_id, engine) == wanted:
-                engine.abort_request(request_id)
-                aborted_in[request_id] = wanted
-
-    outputs = drive(engine, arrivals, abort)
-    assert aborted_in == phases  # each abort really happened in its phase
-    for i, case in enumerate(cases):
-        generated = tokens(outputs[f"r{i}"])
-        if f"r{i}" in phases:
-            assert outputs[f"r{i}"][-1].finish_reason == "abort"
-            assert generated == case.reference[: len(generated)]
-        else:
-            assert generated == case.reference
+def _between_first_and_last_run(request: Request, computed: int) -> bool:
+    """Inside an image's tokens, which come in several runs (between tiles too)."""
+    spans = request.image_spans
+    return bool(spans) and spans[0].offset < computed < spans[-1].end
 
 
 # --- 5. the vision encoder ----------------------------------------------------------------------------------------

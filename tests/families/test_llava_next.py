@@ -30,6 +30,7 @@ from generator_service.engine.sampling_params import SamplingParams
 from generator_service.inputs import InputProcessor
 from tests.conftest import CheckpointFactory, to_legacy_hub_layout
 from tests.engine.test_engine_exactness import drive, tokens
+from tests.families.support import abort_in_phases
 
 MAX_TOKENS = 12
 BLOCK_SIZE = 4
@@ -327,31 +328,4 @@ def test_abort_mid_way_leaves_others_unchanged(harness: Harness, cases: list[Cas
     arrivals = {0: [harness.request(f"r{i}", case) for i, case in enumerate(cases[:6])]}
     # r1 (text) mid-prefill, r2 (two images) with its prefill stopped inside an image, r4 while decoding.
     phases = {"r1": "prefill", "r2": "inside-image", "r4": "decode"}
-    aborted_in: dict[str, str] = {}
-
-    def phase(request_id: str, engine: LLMEngine) -> str | None:
-        request = engine.scheduler.get_request(request_id)
-        if request is None or request.num_computed_tokens == 0:
-            return None
-        if request.num_output_tokens >= 2:
-            return "decode"
-        computed = request.num_computed_tokens
-        if any(span.offset < computed < span.end for span in request.image_spans):
-            return "inside-image"
-        return "prefill" if computed < request.num_prompt_tokens else None
-
-    def abort(step: int, engine: LLMEngine) -> None:
-        for request_id, wanted in phases.items():
-            if request_id not in aborted_in and phase(request_id, engine) == wanted:
-                engine.abort_request(request_id)
-                aborted_in[request_id] = wanted
-
-    outputs = drive(engine, arrivals, abort)
-    assert aborted_in == phases  # each abort really happened in its phase
-    for i, case in enumerate(cases[:6]):
-        generated = tokens(outputs[f"r{i}"])
-        if f"r{i}" in phases:
-            assert outputs[f"r{i}"][-1].finish_reason == "abort"
-            assert generated == case.reference[: len(generated)]
-        else:
-            assert generated == case.reference
+    abort_in_phases(engine, arrivals, phases, [case.reference for case in cases[:6]])
