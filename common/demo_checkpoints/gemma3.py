@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import processors
 from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -34,7 +33,15 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from common.demo_checkpoints.parts import CORPUS_PATH, check_choice, save_checkpoint, seeded, size_preset, train_bpe
+from common.demo_checkpoints.parts import (
+    CORPUS_PATH,
+    check_choice,
+    prepend_bos,
+    save_checkpoint,
+    seeded,
+    size_preset,
+    train_bpe,
+)
 
 VISION_CHOICES = ("siglip",)
 TEXT_CHOICES = ("gemma3",)
@@ -199,11 +206,7 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """
     lines = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
     paragraphs = ["\n\n".join(lines[i : i + 3]) for i in range(len(lines))] + ["\n\n\n\n".join(lines[:4])]
-    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS, extra_texts=paragraphs)
-    bos_id = tokenizer.token_to_id("<bos>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
-    )
+    tokenizer = prepend_bos(train_bpe(vocab_size, SPECIAL_TOKENS, extra_texts=paragraphs), "<bos>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<bos>",

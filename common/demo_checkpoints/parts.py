@@ -101,13 +101,17 @@ def train_bpe(
     return tokenizer
 
 
+def prepend_bos(tokenizer: Tokenizer, bos: str) -> Tokenizer:
+    """Make `tokenizer` put `bos` in front of every text it encodes with special tokens (Llama's and Gemma's way)."""
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    return tokenizer
+
+
 def build_tokenizer(vocab_size: int = SIZE_PRESETS["tiny"].vocab_size) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the bundled corpus (deterministic), `<s>` prepended as LLaVA's Llama does."""
-    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS)
-    bos_id = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
+    tokenizer = prepend_bos(train_bpe(vocab_size, SPECIAL_TOKENS), "<s>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
