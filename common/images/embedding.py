@@ -21,9 +21,5 @@ class ImageEmbedding:
     layout: tuple[int, ...] = ()
 
     @property
-    def rows(self) -> int:
-        return int(self.tensor.shape[0])
-
-    @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()

@@ -58,11 +58,6 @@ class LocalEncoder:
     def fingerprint(self) -> str:
         return self.encoder.fingerprint
 
-    @property
-    def executor(self) -> ThreadPoolExecutor:
-        """Threads for CPU work next to the model (decoding, hashing large payloads)."""
-        return self._decode_pool
-
     def start(self) -> None:
         self.batcher.start()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -163,10 +162,8 @@ class EmbeddingProvider:
             if not _KEY_RE.match(source.embedding_key):
                 raise InvalidImageError("embedding_key must be 64 lowercase hex characters (a key returned by Encode)")
             return source.embedding_key
-        if source.image is not None:
-            rgb = source.image.convert("RGB")
-            raw = pil_image_bytes(rgb.size, rgb.tobytes())
-            return await asyncio.to_thread(image_key, fingerprint, raw, source.condition)
+        if source.image is not None:  # off the event loop: converting and copying pixels is the expensive part
+            return await asyncio.to_thread(_decoded_image_key, fingerprint, source.image, source.condition)
         if source.data is None:
             raise InvalidImageError("has neither data nor embedding_key")
         if not source.data:
@@ -395,6 +392,6 @@ def _missing(key: str, cache_unavailable: bool) -> ImageError:
     )
 
 
-def remaining(deadline: float | None) -> float | None:
-    """Seconds left until a monotonic `deadline` (None: no deadline)."""
-    return None if deadline is None else deadline - time.monotonic()
+def _decoded_image_key(fingerprint: str, image: Image.Image, condition: str | None) -> str:
+    rgb = image.convert("RGB")
+    return image_key(fingerprint, pil_image_bytes(rgb.size, rgb.tobytes()), condition)
