@@ -61,6 +61,59 @@ class ModelConfig:
         )
 
 
+def _check_readable(path: str | None, flag: str) -> None:
+    if path is not None:
+        _check(os.path.isfile(path) and os.access(path, os.R_OK), f"{flag} {path!r}: no such readable file")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files of one end of a TLS connection. Server end: `certfile` + `keyfile` turn TLS on; `ca_certs`
+    then requires client certificates signed by it (mutual TLS). Client end: TLS is on when any file is set;
+    `ca_certs` is the trust root (unset = the system roots), `certfile` + `keyfile` the client certificate."""
+
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca_certs: str | None = None
+    flag_prefix: str = "--ssl"  # names the flags in error messages only
+
+    def __post_init__(self) -> None:
+        prefix = self.flag_prefix
+        _check(
+            (self.certfile is None) == (self.keyfile is None),
+            f"{prefix}-certfile and {prefix}-keyfile go together: give both or neither",
+        )
+        _check_readable(self.certfile, f"{prefix}-certfile")
+        _check_readable(self.keyfile, f"{prefix}-keyfile")
+        _check_readable(self.ca_certs, f"{prefix}-ca-certs")
+
+    @property
+    def enabled(self) -> bool:
+        return any(path is not None for path in (self.certfile, self.keyfile, self.ca_certs))
+
+
+@dataclass(frozen=True)
+class ApiKeyConfig:
+    """Bearer keys a server accepts: `keys` (from --api-key) plus the lines of `key_file` (re-read when it
+    changes, so a rotated secret takes effect without a restart). No key at all = no authentication."""
+
+    keys: tuple[str, ...] = ()
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(all(key.strip() == key and key for key in self.keys), "--api-key: keys are non-empty, without spaces")
+        _check_readable(self.key_file, "--api-key-file")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys) or self.key_file is not None
+
+
+def split_keys(text: str) -> tuple[str, ...]:
+    """`k1,k2` -> ("k1", "k2"): several keys at once, so that a key can be rotated without downtime."""
+    return tuple(key.strip() for key in text.split(",") if key.strip())
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -68,8 +121,14 @@ class ServerConfig:
     metrics_port: int | None = None
     max_message_bytes: int = 256 * MiB
     shutdown_grace_s: float = 30.0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    api_keys: ApiKeyConfig = field(default_factory=ApiKeyConfig)
 
     def __post_init__(self) -> None:
+        _check(
+            self.tls.ca_certs is None or self.tls.certfile is not None,
+            "--ssl-ca-certs (mutual TLS) needs the server's own --ssl-certfile and --ssl-keyfile",
+        )
         _check(0 <= self.port <= 65535, f"--port {self.port}: use 0..65535")
         _check(
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,
@@ -84,6 +143,7 @@ class CacheConfig:
     """Embedding cache: Redis when `redis_url` is set, else an in-process LRU bounded in bytes."""
 
     redis_url: str | None = None
+    redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
     redis_timeout_ms: float = 50.0
     ttl_s: int = 0  # 0 = entries never expire (Redis eviction policy decides)
     local_cache_bytes: int = 512 * MiB
@@ -94,6 +154,10 @@ class CacheConfig:
         _check(
             self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
             f"--redis-url {self.redis_url!r}: use redis://host:port/db, rediss://... or unix://path",
+        )
+        _check(
+            not self.redis_cluster or (self.redis_url is not None and not self.redis_url.startswith("unix://")),
+            "--redis-cluster needs --redis-url redis://host:port (or rediss://) of one cluster node",
         )
         _check(self.redis_timeout_ms > 0, "--redis-timeout-ms must be > 0")
         _check(self.ttl_s >= 0, "--cache-ttl-s must be >= 0 (0 = no expiry)")
@@ -161,9 +225,16 @@ class GeneratorConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     encoder_address: str | None = None  # None = encode images in-process (single-process deployments)
     encoder_timeout_s: float = 30.0
+    encoder_tls: TlsConfig = field(default_factory=lambda: TlsConfig(flag_prefix="--encoder-ssl"))
+    encoder_api_key: str | None = None  # sent to the encoder as `authorization: Bearer <key>`
     max_queue_len: int = 256
 
     def __post_init__(self) -> None:
+        _check(
+            self.encoder_address is not None or not (self.encoder_tls.enabled or self.encoder_api_key),
+            "--encoder-ssl-* and --encoder-api-key need --encoder-address (without it images are encoded "
+            "in-process)",
+        )
         _check(self.max_queue_len >= 0, "--max-queue-len must be >= 0")
         _check(self.encoder_timeout_s > 0, "--encoder-timeout-s must be > 0")
 
@@ -261,10 +332,30 @@ def _add_server_flags(flags: _Flags, port: int) -> None:
         default=default_of(ServerConfig, "shutdown_grace_s"),
         help="SIGTERM: seconds to let in-flight calls finish",
     )
+    flags.add("--ssl-certfile", help="PEM certificate chain of this server: turns TLS on (with --ssl-keyfile)")
+    flags.add("--ssl-keyfile", help="PEM private key of --ssl-certfile")
+    flags.add(
+        "--ssl-ca-certs",
+        help="PEM CA bundle: turns mutual TLS on (clients must present a certificate signed by it)",
+    )
+    flags.add(
+        "--api-key",
+        help="require `authorization: Bearer <key>` on every RPC but health; comma-separated for several keys "
+        "(rotation)",
+    )
+    flags.add(
+        "--api-key-file",
+        help="file with accepted API keys, one per line (# comments); re-read when it changes (mounted secrets)",
+    )
 
 
 def _add_cache_flags(flags: _Flags) -> None:
-    flags.add("--redis-url", help="Redis for the shared embedding cache (unset = in-process LRU only)")
+    flags.add(
+        "--redis-url",
+        help="Redis for the shared embedding cache: redis://[user:password@]host:port/db, rediss://... (TLS) or "
+        "unix://path (unset = in-process LRU only)",
+    )
+    flags.switch("--redis-cluster", help="--redis-url is one node of a Redis Cluster (the client finds the rest)")
     flags.add(
         "--redis-timeout-ms",
         type=float,
@@ -308,12 +399,15 @@ def _server(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port,
         max_message_bytes=args.max_message_bytes,
         shutdown_grace_s=args.shutdown_grace_s,
+        tls=TlsConfig(certfile=args.ssl_certfile, keyfile=args.ssl_keyfile, ca_certs=args.ssl_ca_certs),
+        api_keys=ApiKeyConfig(keys=split_keys(args.api_key or ""), key_file=args.api_key_file or None),
     )
 
 
 def _cache(args: argparse.Namespace) -> CacheConfig:
     return CacheConfig(
         redis_url=args.redis_url or None,
+        redis_cluster=args.redis_cluster,
         redis_timeout_ms=args.redis_timeout_ms,
         ttl_s=args.cache_ttl_s,
         local_cache_bytes=args.local_cache_bytes,
@@ -408,6 +502,11 @@ def generator_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.A
         default=default_of(GeneratorConfig, "encoder_timeout_s"),
         help="upper bound of one Encode call",
     )
+    flags.add("--encoder-ssl-ca-certs", help="PEM CA bundle that signed the encoder's certificate: TLS to the encoder")
+    flags.add("--encoder-ssl-certfile", help="PEM client certificate for an encoder with mutual TLS")
+    flags.add("--encoder-ssl-keyfile", help="PEM private key of --encoder-ssl-certfile")
+    flags.add("--encoder-api-key", help="API key sent to the encoder (its --api-key)")
+    flags.add("--encoder-api-key-file", help="file holding the API key sent to the encoder (first line)")
     _add_cache_flags(flags)
     flags.add(
         "--block-size", type=int, default=default_of(EngineConfig, "block_size"), help="tokens per KV-cache block"
@@ -468,5 +567,24 @@ def generator_config_from_args(
         cache=_cache(args),
         encoder_address=args.encoder_address or None,
         encoder_timeout_s=args.encoder_timeout_s,
+        encoder_tls=TlsConfig(
+            certfile=args.encoder_ssl_certfile,
+            keyfile=args.encoder_ssl_keyfile,
+            ca_certs=args.encoder_ssl_ca_certs,
+            flag_prefix="--encoder-ssl",
+        ),
+        encoder_api_key=_encoder_api_key(args),
         max_queue_len=args.max_queue_len,
     )
+
+
+def _encoder_api_key(args: argparse.Namespace) -> str | None:
+    if args.encoder_api_key and args.encoder_api_key_file:
+        raise ConfigError("--encoder-api-key and --encoder-api-key-file: give one of them")
+    if not args.encoder_api_key_file:
+        return args.encoder_api_key or None
+    _check_readable(args.encoder_api_key_file, "--encoder-api-key-file")
+    with open(args.encoder_api_key_file, encoding="utf-8") as file:
+        key = next((line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")), "")
+    _check(bool(key), f"--encoder-api-key-file {args.encoder_api_key_file!r} holds no key")
+    return key
