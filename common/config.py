@@ -232,8 +232,7 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         _check(
             self.encoder_address is not None or not (self.encoder_tls.enabled or self.encoder_api_key),
-            "--encoder-ssl-* and --encoder-api-key need --encoder-address (without it images are encoded "
-            "in-process)",
+            "--encoder-ssl-* and --encoder-api-key need --encoder-address (without it images are encoded in-process)",
         )
         _check(self.max_queue_len >= 0, "--max-queue-len must be >= 0")
         _check(self.encoder_timeout_s > 0, "--encoder-timeout-s must be > 0")

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
-from common.config import ConfigError
+from common.config import ConfigError, ServerConfig
 from common.errors import CheckpointError, InvalidPrompt
 from common.images.errors import (
     EmbeddingNotFoundError,
@@ -32,6 +32,7 @@ from common.images.errors import (
     ImageUnavailableError,
     InvalidImageError,
 )
+from common.security import server_credentials, server_interceptors
 
 _C = TypeVar("_C")
 
@@ -92,9 +93,17 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def bind_and_start(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind `server` to host:port (0 picks a free port), start it, and return the bound port."""
-    bound = server.add_insecure_port(listen_address(host, port))
+def grpc_server(config: ServerConfig, options: Sequence[tuple[str, Any]]) -> grpc.aio.Server:
+    """A gRPC server with the API-key check (when keys are configured) and the undecodable-request guard."""
+    return grpc.aio.server(interceptors=server_interceptors(config.api_keys), options=list(options))
+
+
+async def bind_and_start(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Bind `server` to the configured host:port (0 picks a free port), over TLS when configured, start it, and
+    return the bound port."""
+    address = listen_address(config.host, config.port)
+    credentials = server_credentials(config.tls)
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     await server.start()
     return bound
 
@@ -159,3 +168,9 @@ def cli_main(
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def describe_security(config: ServerConfig) -> str:
+    """`mutual TLS, API key` / `plaintext, no API key`: for the start-up log line."""
+    transport = "plaintext" if not config.tls.certfile else "mutual TLS" if config.tls.ca_certs else "TLS"
+    return f"{transport}, {'API key required' if config.api_keys.enabled else 'no API key'}"

@@ -27,7 +27,15 @@ from common.images.intake import ImageLimits
 from common.images.local_encoder import LocalEncoder
 from common.images.provider import CacheLayer, EmbeddingProvider
 from common.images.vision_encoder import VisionEncoder
-from common.serving import MetricsHttpServer, bind_and_start, run_until_signal, set_health, start_metrics_http
+from common.serving import (
+    MetricsHttpServer,
+    bind_and_start,
+    describe_security,
+    grpc_server,
+    run_until_signal,
+    set_health,
+    start_metrics_http,
+)
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.servicer import EncoderBackend, EncoderServicer
 from protos import encoder_pb2, encoder_pb2_grpc
@@ -96,12 +104,13 @@ class EncoderServer:
     async def listen(self) -> None:
         server_config = self.config.server
         limit = server_config.max_message_bytes
-        self._server = grpc.aio.server(
+        self._server = grpc_server(
+            server_config,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),  # a second replica on a taken port must fail, not share it
-            ]
+            ],
         )
         encoder_pb2_grpc.add_EncoderServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -110,12 +119,13 @@ class EncoderServer:
             self._server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = await bind_and_start(self._server, server_config.host, server_config.port)
+        self.port = await bind_and_start(self._server, server_config)
         self._metrics_http = start_metrics_http(self.metrics.registry, server_config.host, server_config.metrics_port)
         logger.info(
-            "encoder listening on %s:%d (metrics port %s); loading model",
+            "encoder listening on %s:%d (%s; metrics port %s); loading model",
             server_config.host,
             self.port,
+            describe_security(server_config),
             self.metrics_port,
         )
 

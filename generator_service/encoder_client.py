@@ -37,6 +37,7 @@ from common.images.errors import (
     InvalidImageError,
 )
 from common.images.provider import EncodeItem
+from common.security import api_key_metadata
 from common.tensor_codec import TensorDecodeError, tensor_from_proto
 from protos import encoder_pb2, encoder_pb2_grpc
 
@@ -111,7 +112,10 @@ class RemoteEncoder:
         max_message_bytes: int,
         timeout_s: float = 30.0,
         on_error: Callable[[str], None] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
     ) -> None:
+        """`credentials`: TLS to the encoder (None = plaintext); `api_key`: sent as `authorization: Bearer`."""
         self.address = address
         self.fingerprint = fingerprint
         self.timeout_s = timeout_s
@@ -119,7 +123,13 @@ class RemoteEncoder:
         self._dtype = dtype
         self._on_error = on_error
         options = encoder_channel_options(max_message_bytes)
-        self._channels = [grpc.aio.insecure_channel(target, options=options) for target in encoder_targets(address)]
+        self._metadata = api_key_metadata(api_key)
+        self._channels = [
+            grpc.aio.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=options)
+            for target in encoder_targets(address)
+        ]
         self._stubs = [encoder_pb2_grpc.EncoderStub(channel) for channel in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
         self._verified = False
@@ -141,9 +151,8 @@ class RemoteEncoder:
         """
         self._last_verify = time.monotonic()
         try:
-            info = await self._call(
-                lambda stub, t: stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=t), timeout
-            )
+            request, metadata = encoder_pb2.GetModelInfoRequest(), self._metadata
+            info = await self._call(lambda stub, t: stub.GetModelInfo(request, timeout=t, metadata=metadata), timeout)
         except grpc.aio.AioRpcError as exc:
             self._count_error(exc)
             logger.warning(
@@ -223,7 +232,8 @@ class RemoteEncoder:
             if timeout <= 0:
                 raise ImageDeadlineError("the deadline passed before the images were encoded")
         try:
-            response = await self._call(lambda stub, t: stub.Encode(request, timeout=t), timeout)
+            metadata = self._metadata
+            response = await self._call(lambda stub, t: stub.Encode(request, timeout=t, metadata=metadata), timeout)
         except grpc.aio.AioRpcError as exc:
             self._count_error(exc)
             raise self._domain_error(exc, deadline) from None
@@ -295,6 +305,15 @@ class RemoteEncoder:
             return ImageUnavailableError(
                 f"the encoder service at {self.address} is unavailable, so images cannot be encoded now "
                 "(text-only requests still work); retry later"
+            )
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            logger.error(
+                "the encoder at %s refused this generator's credentials (%s): set --encoder-api-key to one of the "
+                "encoder's --api-key values", self.address, code.name,
+            )  # fmt: skip
+            return ImageUnavailableError(
+                "the encoder service refused this generator's credentials, so images cannot be encoded now "
+                "(text-only requests still work); the operator must fix the deployment"
             )
         logger.error("encoder at %s failed: %s: %s", self.address, code.name, details)
         return ImageUnavailableError(f"the encoder service at {self.address} failed ({code.name})")

@@ -33,7 +33,16 @@ from common.images.cache import LocalEmbeddingCache, RedisEmbeddingCache
 from common.images.local_encoder import LocalEncoder
 from common.images.provider import CacheLayer, EmbeddingProvider, ImageEncoder
 from common.images.vision_encoder import VisionEncoder
-from common.serving import MetricsHttpServer, bind_and_start, run_until_signal, set_health, start_metrics_http
+from common.security import channel_credentials
+from common.serving import (
+    MetricsHttpServer,
+    bind_and_start,
+    describe_security,
+    grpc_server,
+    run_until_signal,
+    set_health,
+    start_metrics_http,
+)
 from generator_service.encoder_client import RemoteEncoder
 from generator_service.engine.async_engine import AsyncEngine
 from generator_service.engine.llm_engine import EngineRequest, EngineStats, LLMEngine
@@ -113,16 +122,16 @@ class GeneratorServer:
 
     async def listen(self) -> None:
         server_config = self.config.server
-        self._server = grpc.aio.server(options=server_options(server_config.max_message_bytes))
+        self._server = grpc_server(server_config, server_options(server_config.max_message_bytes))
         generator_pb2_grpc.add_GeneratorServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = await bind_and_start(self._server, server_config.host, server_config.port)
+        self.port = await bind_and_start(self._server, server_config)
         self._metrics_http = start_metrics_http(self.metrics.registry, server_config.host, server_config.metrics_port)
         logger.info(
-            "generator listening on %s:%d (metrics port %s); loading model",
-            server_config.host, self.port, self.metrics_port,
+            "generator listening on %s:%d (%s; metrics port %s); loading model",
+            server_config.host, self.port, describe_security(server_config), self.metrics_port,
         )  # fmt: skip
 
     async def load(self) -> None:
@@ -199,6 +208,8 @@ class GeneratorServer:
             max_message_bytes=self.config.server.max_message_bytes,
             timeout_s=self.config.encoder_timeout_s,
             on_error=lambda status: self.metrics.encoder_errors.labels(status=status).inc(),
+            credentials=channel_credentials(self.config.encoder_tls),
+            api_key=self.config.encoder_api_key,
         )
 
     def _image_provider(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from types import TracebackType
 from typing import Any, Self, Unpack
 
@@ -38,6 +38,7 @@ from common.client.messages import (
     health_request,
     image_input,
 )
+from common.security import api_key_metadata
 from protos import encoder_pb2, encoder_pb2_grpc, generator_pb2, generator_pb2_grpc
 
 __all__ = [
@@ -87,12 +88,21 @@ class _ClientBase:
         timeout_s: float | None,
         max_message_bytes: int,
         extra_options: Sequence[tuple[str, Any]],
-        make_channel: Callable[..., Any],
+        channel_module: Any,
+        credentials: grpc.ChannelCredentials | None,
+        api_key: str | None,
     ) -> None:
         self._timeout_s = timeout_s
+        self._metadata = api_key_metadata(api_key)
         addresses = {"generator": generator_address, "encoder": encoder_address}
         options = [*channel_options(max_message_bytes), *extra_options]
-        self._channels = {name: make_channel(addr, options=options) for name, addr in addresses.items() if addr}
+
+        def make_channel(address: str) -> Any:
+            if credentials is None:
+                return channel_module.insecure_channel(address, options=options)
+            return channel_module.secure_channel(address, credentials, options=options)
+
+        self._channels = {name: make_channel(address) for name, address in addresses.items() if address}
 
     def _channel(self, service: str) -> Any:
         if service not in SERVICE_NAMES:
@@ -104,6 +114,10 @@ class _ClientBase:
     def _deadline(self, timeout_s: float | None) -> float | None:
         return self._timeout_s if timeout_s is None else timeout_s
 
+    def _call_options(self, timeout_s: float | None) -> dict[str, Any]:
+        """The deadline and the API-key metadata of one call."""
+        return {"timeout": self._deadline(timeout_s), "metadata": self._metadata}
+
     def _info_stub(self, service: str) -> Any:
         stub = encoder_pb2_grpc.EncoderStub if service == "encoder" else generator_pb2_grpc.GeneratorStub
         return stub(self._channel(service))
@@ -111,7 +125,8 @@ class _ClientBase:
 
 class MMServeClient(_ClientBase):
     """Blocking client; one channel per service given (`extra_options` are appended to `channel_options()`).
-    Use it as a context manager or call `close()`."""
+    `credentials`: TLS (`common.security.tls_credentials(ca_certs, certfile, keyfile)`; None = plaintext);
+    `api_key`: sent as `authorization: Bearer <key>` on every call. Use it as a context manager or call `close()`."""
 
     def __init__(
         self,
@@ -121,9 +136,11 @@ class MMServeClient(_ClientBase):
         timeout_s: float | None = None,
         max_message_bytes: int = 256 * MiB,
         extra_options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
     ) -> None:
-        make_channel = grpc.insecure_channel
-        super().__init__(generator_address, encoder_address, timeout_s, max_message_bytes, extra_options, make_channel)
+        addresses = (generator_address, encoder_address)
+        super().__init__(*addresses, timeout_s, max_message_bytes, extra_options, grpc, credentials, api_key)
 
     def __enter__(self) -> Self:
         return self
@@ -152,7 +169,8 @@ class MMServeClient(_ClientBase):
     def _stream(
         self, request: generator_pb2.GenerateRequest, timeout: float | None
     ) -> Generator[generator_pb2.GenerateResponse, None, None]:
-        call = generator_pb2_grpc.GeneratorStub(self._channel("generator")).Generate(request, timeout=timeout)
+        stub = generator_pb2_grpc.GeneratorStub(self._channel("generator"))
+        call = stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             yield from call
         finally:
@@ -176,16 +194,16 @@ class MMServeClient(_ClientBase):
         """`instruction`: the prompt, for models whose embeddings read it (ModelInfo says so); else ignored."""
         request = encode_request(images, return_embeddings, instruction)
         stub = encoder_pb2_grpc.EncoderStub(self._channel("encoder"))
-        return list(stub.Encode(request, timeout=self._deadline(timeout_s)).images)
+        return list(stub.Encode(request, **self._call_options(timeout_s)).images)
 
     def model_info(self, service: str = "generator", *, timeout_s: float | None = None) -> encoder_pb2.ModelInfo:
         request = encoder_pb2.GetModelInfoRequest()
-        return self._info_stub(service).GetModelInfo(request, timeout=self._deadline(timeout_s))
+        return self._info_stub(service).GetModelInfo(request, **self._call_options(timeout_s))
 
     def health(self, service: str = "generator", *, timeout_s: float | None = None) -> str:
         """The service's health status name: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN."""
         stub = health_pb2_grpc.HealthStub(self._channel(service))
-        response = stub.Check(health_request(service), timeout=self._deadline(timeout_s))
+        response = stub.Check(health_request(service), **self._call_options(timeout_s))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
@@ -200,9 +218,11 @@ class AsyncMMServeClient(_ClientBase):
         timeout_s: float | None = None,
         max_message_bytes: int = 256 * MiB,
         extra_options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
     ) -> None:
-        make_channel = grpc.aio.insecure_channel
-        super().__init__(generator_address, encoder_address, timeout_s, max_message_bytes, extra_options, make_channel)
+        addresses = (generator_address, encoder_address)
+        super().__init__(*addresses, timeout_s, max_message_bytes, extra_options, grpc.aio, credentials, api_key)
 
     async def __aenter__(self) -> Self:
         return self
@@ -231,7 +251,8 @@ class AsyncMMServeClient(_ClientBase):
     async def _stream(
         self, request: generator_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncGenerator[generator_pb2.GenerateResponse, None]:
-        call = generator_pb2_grpc.GeneratorStub(self._channel("generator")).Generate(request, timeout=timeout)
+        stub = generator_pb2_grpc.GeneratorStub(self._channel("generator"))
+        call = stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for response in call:
                 yield response
@@ -254,13 +275,13 @@ class AsyncMMServeClient(_ClientBase):
     ) -> list[encoder_pb2.EncodedImage]:
         request = encode_request(images, return_embeddings, instruction)
         stub = encoder_pb2_grpc.EncoderStub(self._channel("encoder"))
-        return list((await stub.Encode(request, timeout=self._deadline(timeout_s))).images)
+        return list((await stub.Encode(request, **self._call_options(timeout_s))).images)
 
     async def model_info(self, service: str = "generator", *, timeout_s: float | None = None) -> encoder_pb2.ModelInfo:
         request = encoder_pb2.GetModelInfoRequest()
-        return await self._info_stub(service).GetModelInfo(request, timeout=self._deadline(timeout_s))
+        return await self._info_stub(service).GetModelInfo(request, **self._call_options(timeout_s))
 
     async def health(self, service: str = "generator", *, timeout_s: float | None = None) -> str:
         stub = health_pb2_grpc.HealthStub(self._channel(service))
-        response = await stub.Check(health_request(service), timeout=self._deadline(timeout_s))
+        response = await stub.Check(health_request(service), **self._call_options(timeout_s))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

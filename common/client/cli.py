@@ -2,12 +2,15 @@
 
 Exit status: 0 on success (`health`: the service is SERVING); 1 on a gRPC error, which prints
 `error: <STATUS>: <details>` to stderr, on an unreadable image, or when `health` is not SERVING;
-2 on bad usage; 130 on Ctrl-C (the stream is cancelled).
+2 on bad usage; 130 on Ctrl-C (the stream is cancelled). Against a server with TLS pass --ssl-ca-certs (and
+--ssl-certfile/--ssl-keyfile for mutual TLS); with API keys pass --api-key or set MMSERVE_API_KEY (`health`
+needs no key).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +19,9 @@ import grpc
 
 from common.client import SERVICE_NAMES, MMServeClient, default_address, format_prompt
 from common.client.messages import EmbeddingKey, ImageLike, ResponseCollector, SamplingKwargs
+from common.security import tls_credentials
+
+API_KEY_ENV = "MMSERVE_API_KEY"
 
 _GENERATE_HELP = """\
 Streams the generated text to stdout as it arrives, then prints one summary line (finish reason, usage) to
@@ -38,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=description or help)
         sub.add_argument("--address", help=f"HOST:PORT or dns:///HOST:PORT [default: {default_address}]")
         sub.add_argument("--timeout", type=float, metavar="S", help="deadline of the call in seconds")
+        security = sub.add_argument_group("TLS and API key (both off unless given)")
+        security.add_argument("--tls", action="store_true", help="TLS, trusting the system's root certificates")
+        security.add_argument("--ssl-ca-certs", metavar="PEM", help="TLS, trusting this CA bundle")
+        security.add_argument("--ssl-certfile", metavar="PEM", help="client certificate (servers with mutual TLS)")
+        security.add_argument("--ssl-keyfile", metavar="PEM", help="private key of --ssl-certfile")
+        security.add_argument(
+            "--api-key",
+            default=os.environ.get(API_KEY_ENV) or None,
+            help=f"sent as `authorization: Bearer <key>` [default: ${API_KEY_ENV}]",
+        )
         return sub
 
     generator_default = "$MMSERVE_GENERATOR_ADDRESS or 127.0.0.1:50052"
@@ -124,13 +140,23 @@ _COMMANDS: dict[str, Callable[[MMServeClient, argparse.Namespace], int]] = {
 }
 
 
+def _credentials(parser: argparse.ArgumentParser, args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        parser.error("--ssl-certfile and --ssl-keyfile go together")
+    if not (args.tls or args.ssl_ca_certs or args.ssl_certfile):
+        return None
+    return tls_credentials(ca_certs=args.ssl_ca_certs, certfile=args.ssl_certfile, keyfile=args.ssl_keyfile)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     service = "encoder" if args.command == "encode" else getattr(args, "service", "generator")
     address = args.address or default_address(service)
     try:
         addresses = (address, None) if service == "generator" else (None, address)
-        with MMServeClient(*addresses, timeout_s=args.timeout) as client:
+        credentials = _credentials(parser, args)
+        with MMServeClient(*addresses, timeout_s=args.timeout, credentials=credentials, api_key=args.api_key) as client:
             return _COMMANDS[args.command](client, args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
