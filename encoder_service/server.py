@@ -110,6 +110,10 @@ class EncoderServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),  # a second replica on a taken port must fail, not share it
+                # Generators re-resolve `dns:///` only when a connection drops: ending each connection after
+                # 5 minutes (in-flight calls get 30 s more) lets encoders added by scaling receive traffic.
+                ("grpc.max_connection_age_ms", 300_000),
+                ("grpc.max_connection_age_grace_ms", 30_000),
             ],
         )
         encoder_pb2_grpc.add_EncoderServicer_to_server(self._servicer, self._server)
