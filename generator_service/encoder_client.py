@@ -4,7 +4,9 @@ failover, the fingerprint check, and gRPC errors -> the image path's domain erro
     --encoder-address ──encoder_targets──▶ one channel per target (round_robin inside each)
     encode(items, deadline) ──▶ Encode on the next target (one call per instruction; return_embeddings=True, the
                                 encoder writes Redis); UNAVAILABLE -> the following target, until the targets or
-                                min(--encoder-timeout-s, deadline) run out
+                                min(--encoder-timeout-s, deadline) run out. A target that lists several servers
+                                (`ipv4:a,b`) is tried once per server: gRPC's round_robin sends each try to the
+                                next server, so a call on a replica that died is retried on a live one.
 
 Image keys are computed here without the encoder, from the fingerprint computed locally from the checkpoint,
 and checked against the encoder's `GetModelInfo().fingerprint` (at start-up, and again on use while unverified):
@@ -80,6 +82,14 @@ def _ip_family(entry: str) -> int | None:
         return None
 
 
+def _num_servers(target: str) -> int:
+    """How many servers a target names: `ipv4:a:1,b:2` two (balanced by round_robin); one for anything else (a
+    `dns:` name may resolve to several, but how many is not known here)."""
+    if target.startswith(("ipv4:", "ipv6:")):
+        return len(target.split(":", 1)[1].split(","))
+    return 1
+
+
 def encoder_channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
@@ -131,6 +141,7 @@ class RemoteEncoder:
             for target in encoder_targets(address)
         ]
         self._stubs = [encoder_pb2_grpc.EncoderStub(channel) for channel in self._channels]
+        self._tries = [_num_servers(target) for target in encoder_targets(address)]  # per stub, on UNAVAILABLE
         self._next = itertools.cycle(range(len(self._stubs)))
         self._verified = False
         self._mismatch: str | None = None
@@ -271,7 +282,8 @@ class RemoteEncoder:
     async def _call(self, call: Callable[[encoder_pb2_grpc.EncoderStub, float], Awaitable[_T]], timeout: float) -> _T:
         deadline = time.monotonic() + timeout
         first = next(self._next)
-        order = [(first + i) % len(self._stubs) for i in range(len(self._stubs))]
+        rotated = [(first + i) % len(self._stubs) for i in range(len(self._stubs))]
+        order = [index for index in rotated for _ in range(self._tries[index])]
         for attempt, index in enumerate(order):
             remaining = deadline - time.monotonic()
             try:
@@ -280,6 +292,7 @@ class RemoteEncoder:
                 last = attempt == len(order) - 1
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or last or deadline - time.monotonic() <= 0:
                     raise
+                self._count_error(exc)  # this try failed (counted); the caller counts the one it raises
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _domain_error(self, exc: grpc.aio.AioRpcError, deadline: float | None) -> ImageError:
