@@ -8,17 +8,21 @@ COMPAT_TRANSFORMERS := 5.17.0
 COMPAT_VENV := .venv-compat
 # `make demo FAMILY=llava_next` (or any family in the README table): the demo on a tiny checkpoint of that family.
 FAMILY ?= llava
+MINUTES ?= 10
 DEMO_MODEL := .cache/models/demo-$(FAMILY)-tiny
 BENCH_MODEL := .cache/models/bench
 PROTOS := protos/encoder.proto protos/generator.proto
 
-.PHONY: help install proto proto-check lint typecheck check test test-compat demo demo-model bench bench-encoder bench-engine bench-serve up down clean
+.PHONY: help install proto proto-check lint typecheck check test test-compat test-faults fuzz soak demo demo-model bench bench-encoder bench-engine bench-serve up down clean
 
 help:
 	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
 	@echo "                 (FAMILY=<a family of the README table> picks the model family; default llava)"
 	@echo "make test        run the test suite (installs dependencies first)"
 	@echo "make test-compat the test suite against transformers $(COMPAT_TRANSFORMERS) (oldest supported)"
+	@echo "make test-faults the fault suite alone (Redis, encoder, engine, client and SIGTERM faults; also in make test)"
+	@echo "make fuzz        long property-based fuzzing of image intake and request validation (FUZZ_EXAMPLES=N)"
+	@echo "make soak        $(MINUTES)-minute soak of both services + Redis (MINUTES=N); exits 1 on a leak or an error"
 	@echo "make install     create $(VENV) with the pinned dependencies"
 	@echo "make proto       regenerate the gRPC stubs in protos/"
 	@echo "make check       proto freshness, ruff and mypy (what CI runs before the tests)"
@@ -59,6 +63,12 @@ $(COMPAT_VENV)/.installed: requirements.txt requirements-dev.txt
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check transformers==$(COMPAT_TRANSFORMERS)
 	@touch $@
+
+test-faults: install
+	$(PY) -m pytest -q -m faults
+
+soak: install $(DEMO_MODEL)/config.json
+	$(PY) -m benchmarks.soak --model $(DEMO_MODEL) --minutes $(MINUTES)
 
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest -q

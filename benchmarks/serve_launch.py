@@ -1,4 +1,5 @@
-"""Both services as child processes on free loopback ports: `serve_bench --launch` (and `make bench-serve`).
+"""Both services as child processes on free loopback ports (`serve_bench --launch`, `make bench-serve`, the
+soak), and a throw-away redis-server for them.
 
 with launch_services(".cache/models/bench") as services:
     run_benchmark(services.generator_address, BenchConfig())
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -47,7 +49,23 @@ class _Child:
 class LaunchedServices:
     generator_address: str
     encoder_address: str
-    processes: tuple[subprocess.Popen[bytes], ...]
+    processes: tuple[subprocess.Popen[bytes], ...]  # encoder, generator
+    # Prometheus /metrics ports, when launched with `metrics=True`.
+    encoder_metrics_port: int | None = None
+    generator_metrics_port: int | None = None
+    stop_grace_s: float = 40.0
+    _children: tuple[_Child, ...] = field(default=(), repr=False)
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERMs the generator, then the encoder (SIGKILL after `stop_grace_s`); returns each service's exit
+        status (0 = graceful; negative = killed by that signal). Idempotent: the launcher calls it again."""
+        for child in reversed(self._children):
+            _stop(child, self.stop_grace_s)
+        return {child.service: int(child.process.returncode) for child in self._children}
+
+    def output_tail(self, service: str, max_lines: int = 30) -> str:
+        """The last lines the service wrote to stdout/stderr (for error messages)."""
+        return next(child.tail(max_lines) for child in self._children if child.service == service)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -91,7 +109,6 @@ def _stop(child: _Child, grace_s: float) -> None:
         except subprocess.TimeoutExpired:
             child.process.kill()
             child.process.wait()
-    child.log.close()
 
 
 @contextlib.contextmanager
@@ -103,16 +120,28 @@ def launch_services(
     ready_timeout_s: float = 600.0,
     stop_grace_s: float = 40.0,
     modules: tuple[str, str] = ("encoder_service", "generator_service"),
+    metrics: bool = False,
 ) -> Iterator[LaunchedServices]:
     """Starts `python -m encoder_service` and `python -m generator_service` (the generator using that encoder)
     on free loopback ports, waits until both report SERVING, and SIGTERMs them on exit (SIGKILL after
-    `stop_grace_s`). Other settings come from the inherited MMSERVE_* variables and the extra args."""
+    `stop_grace_s`). With `metrics`, each also serves Prometheus /metrics on a free port of its own. Other
+    settings come from the inherited MMSERVE_* variables and the extra args."""
     model = str(Path(model).resolve()) if Path(model).exists() else model  # children run in the repo root
     env = {k: v for k, v in os.environ.items() if k != "MMSERVE_METRICS_PORT"}  # two services, one port: clash
-    encoder_address, generator_address = (f"127.0.0.1:{port}" for port in _free_ports(2))
+    ports = _free_ports(4 if metrics else 2)
+    encoder_address, generator_address = (f"127.0.0.1:{port}" for port in ports[:2])
+    encoder_metrics, generator_metrics = (ports[2], ports[3]) if metrics else (None, None)
+    metrics_args = [
+        [] if port is None else ["--metrics-port", str(port)] for port in (encoder_metrics, generator_metrics)
+    ]
     plans = (
-        ("encoder", modules[0], encoder_address, list(encoder_args)),
-        ("generator", modules[1], generator_address, ["--encoder-address", encoder_address, *generator_args]),
+        ("encoder", modules[0], encoder_address, [*metrics_args[0], *encoder_args]),
+        (
+            "generator",
+            modules[1],
+            generator_address,
+            ["--encoder-address", encoder_address, *metrics_args[1], *generator_args],
+        ),
     )
     children: list[_Child] = []
     try:
@@ -126,7 +155,39 @@ def launch_services(
             )
             children.append(_Child(service, address, process, log))
         _wait_serving(children, ready_timeout_s)
-        yield LaunchedServices(generator_address, encoder_address, tuple(c.process for c in children))
+        yield LaunchedServices(
+            generator_address,
+            encoder_address,
+            tuple(c.process for c in children),
+            encoder_metrics,
+            generator_metrics,
+            stop_grace_s,
+            tuple(children),
+        )
     finally:
         for child in reversed(children):
             _stop(child, stop_grace_s)
+            child.log.close()
+
+
+@contextlib.contextmanager
+def private_redis(ready_timeout_s: float = 10.0) -> Iterator[str]:
+    """A throw-away `redis-server` on a free loopback port (no persistence), killed on exit; yields its URL."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise LaunchError("redis-server is not on PATH: install Redis 7, or pass the URL of a running one")
+    port = _free_ports(1)[0]
+    argv = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:  # ready once it accepts a connection
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise LaunchError(f"redis-server on port {port} did not start (status {process.poll()})")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.kill()
+        process.wait()
