@@ -10,8 +10,9 @@ Admission is counted here, before any image is hashed or encoded: a call is admi
 `max_num_seqs + max_queue_len` calls are in flight. Leaving the stream for any reason (client cancel, deadline,
 server stop) closes the engine stream, which aborts the request and frees its KV blocks at the next step.
 Domain errors (bad images, missing keys, a dependency down, bad prompts) become status codes through
-`common.serving.rpc_error`, the table both services share. Messages to clients never carry a stack trace or a
-memory address; unexpected errors are logged with the request id and answered INTERNAL.
+`common.serving.rpc_error`, the table both services share. A dead engine thread is UNAVAILABLE (retry on another
+replica); a failed engine step is INTERNAL for the requests computed in that step only. Messages to clients never
+carry a stack trace or a memory address; unexpected errors are logged with the request id and answered INTERNAL.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ from common.errors import InvalidPrompt
 from common.images.errors import ImageError
 from common.images.provider import EmbeddingProvider, ImageSource
 from common.serving import RpcError, rpc_error
-from generator_service.engine.async_engine import AsyncEngine, DuplicateRequestError, EngineDeadError
+from generator_service.engine.async_engine import (
+    AsyncEngine,
+    DuplicateRequestError,
+    EngineDeadError,
+    RequestFailedError,
+)
 from generator_service.engine.llm_engine import EngineRequest, RequestOutput
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.engine.scheduler import RequestRejected
@@ -374,6 +380,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 status = "shutting down" if self.draining else "not running"
                 raise RpcError(
                     grpc.StatusCode.UNAVAILABLE, f"the generation engine is {status}: retry on another replica"
+                ) from None
+            except RequestFailedError:
+                # The engine logged the traceback with the request id; the client gets no internals.
+                raise RpcError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the engine failed on this request (request id {call.request_id}); see the server log",
                 ) from None
             except ValueError as exc:  # other inputs the engine refused before running them
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None

@@ -7,6 +7,14 @@ The engine (scheduler, block manager, runner) is touched only by the engine thre
 A slow stream reader never stalls the loop: outputs go into an unbounded per-request queue. A caller that
 stops listening (client cancel, deadline) aborts its request in `finally`; the abort is applied at the next
 step boundary, which frees the request's KV blocks.
+
+Failures, from least to most severe:
+  - a request the engine refuses (RequestRejected, bad inputs): that caller gets the exception, nobody else notices;
+  - a step that fails while computing (`LLMEngine.step` ends its requests with finish_reason "error"): those
+    callers get `RequestFailedError`, the others go on;
+  - `max_consecutive_failed_steps` failed steps in a row (a broken device fails every step), or anything else
+    raised by the engine (a fatal BaseException, a bookkeeping error): the thread stops and every caller, present
+    or future, gets `EngineDeadError`. The server's watchdog then reports NOT_SERVING.
 """
 
 from __future__ import annotations
@@ -30,6 +38,18 @@ class EngineDeadError(RuntimeError):
 
 class DuplicateRequestError(ValueError):
     """A request with this id is already in flight (gRPC ALREADY_EXISTS)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine step computing this request failed (logged with the traceback); the request was aborted."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"the engine failed on request {request_id!r}")
+        self.request_id = request_id
+
+
+class _TooManyFailedSteps(RuntimeError):
+    """Raised on the engine thread to stop it: every step fails, so the device or the model is broken."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +77,18 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, *, on_step: Callable[[EngineStats], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        on_step: Callable[[EngineStats], None] | None = None,
+        max_consecutive_failed_steps: int = 3,
+    ) -> None:
+        if max_consecutive_failed_steps < 1:
+            raise ValueError(f"max_consecutive_failed_steps must be >= 1, got {max_consecutive_failed_steps}")
         self.engine = engine
         self._on_step = on_step
+        self._max_consecutive_failed_steps = max_consecutive_failed_steps
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="mmserve-engine", daemon=True)
@@ -120,12 +149,8 @@ class AsyncEngine:
                 self._stats = self.engine.stats()
                 if self._on_step is not None:
                     self._on_step(self._stats)
-                for output in outputs:
-                    stream = self._streams.get(output.request_id)
-                    if stream is not None:
-                        stream.put(output)
-                        if output.finished:
-                            del self._streams[output.request_id]
+                self._publish(outputs)
+                self._check_failed_steps()
         except BaseException as exc:  # a bug or device failure: fail every request loudly, never hang them
             logger.exception("engine loop failed; failing %d in-flight request(s)", len(self._streams))
             self._error = exc
@@ -136,6 +161,23 @@ class AsyncEngine:
                 stream.put(error)
             self._streams.clear()
             self._fail_pending_adds(error)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finish_reason == "error":
+                stream.put(RequestFailedError(output.request_id))
+            else:
+                stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _check_failed_steps(self) -> None:
+        failed = self.engine.num_consecutive_failed_steps
+        if failed >= self._max_consecutive_failed_steps:
+            raise _TooManyFailedSteps(f"{failed} engine steps in a row failed")
 
     def _apply_commands(self, *, block: bool) -> bool:
         """Apply queued adds/aborts; wait for one when idle. False once shutdown was requested."""

@@ -6,6 +6,13 @@
     finished = scheduler.update(out, result.sampled_token_ids, stop strings)  # THE finish decision; blocks freed
     -> RequestOutput per request that produced text or finished (aborted ones included)
 
+A failure while computing a step (the runner, the detokenizers, or the `step_hook` test seam) is the failure of
+the requests scheduled in that step and of nobody else: they are aborted through the scheduler's normal abort path
+(blocks freed) and end with finish_reason "error"; the step's other outputs (earlier aborts) still come out, and
+the next step runs as usual. Nothing of the failed step reached the bookkeeping: `scheduler.update` (which advances
+progress and caches full blocks) runs only after the computation succeeded. A failure in the bookkeeping itself
+(`schedule`, `update`, or the abort after a failure) propagates: the engine's state can no longer be trusted.
+
 Transport-free and single-threaded: `AsyncEngine` runs it in its own thread for the gRPC service; the
 offline `LLM` calls `step()` directly.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +46,8 @@ from generator_service.engine.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 GiB = 1024**3
+# Called with the ids of the requests a step is about to compute; what it raises fails that step (a test seam).
+StepHook = Callable[[Sequence[str]], None]
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool = False
-    finish_reason: str | None = None  # "stop", "length" or "abort" when finished
+    finish_reason: str | None = None  # "stop", "length", "abort", or "error" (its step failed; see the log)
     stop_reason: int | str | None = None  # the stop string or stop/eos token that ended the request
     usage: Usage | None = None
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -91,9 +101,19 @@ class _Tracked:
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, text_half: TextHalf, processor: Any, eos_token_ids: frozenset[int] | None = None
+        self,
+        config: EngineConfig,
+        text_half: TextHalf,
+        processor: Any,
+        eos_token_ids: frozenset[int] | None = None,
+        *,
+        step_hook: StepHook | None = None,
     ) -> None:
         self.config = config
+        # Fault injection for tests: called on the engine thread at the start of each step that computes
+        # something. A test may also set it on a running engine (read once per step).
+        self.step_hook = step_hook
+        self.num_consecutive_failed_steps = 0  # reset by every step whose computation succeeds
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.family = text_half.family  # the generator asks it only about inputs (token counts), never branches on it
@@ -129,12 +149,12 @@ class LLMEngine:
         )  # fmt: skip
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> LLMEngine:
+    def from_config(cls, config: EngineConfig, *, step_hook: StepHook | None = None) -> LLMEngine:
         """Load the text half of the checkpoint and its processor (tokenizer, chat template, placeholder)."""
         model = config.model
         path = resolve_checkpoint(model.model, model.revision)
         text_half = load_text_half(path, dtype=model.dtype, device=model.device)
-        return cls(config, text_half, load_processor(path), generation_eos_token_ids(path))
+        return cls(config, text_half, load_processor(path), generation_eos_token_ids(path), step_hook=step_hook)
 
     @staticmethod
     def _blocks_for_memory(text_half: TextHalf, config: EngineConfig, max_model_len: int) -> int:
@@ -190,16 +210,32 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
-        # Aborted since the last step (a request rolled back by a failed add_request was never tracked).
-        aborted = [self._tracked[rid].request for rid in scheduled.finished if rid in self._tracked]
+        # Aborted since the last step. Not tracked: rolled back by a failed add_request, or already ended by a failed
+        # step; a new request may since have taken that id (and been aborted too: the id is listed twice), so the
+        # tracked request must be an aborted one, ended once.
+        aborted = [
+            tracked.request
+            for tracked in (self._tracked.get(rid) for rid in dict.fromkeys(scheduled.finished))
+            if tracked is not None and tracked.request.status is RequestStatus.FINISHED_ABORTED
+        ]
         outputs = [self._final_output(request, [], "", []) for request in aborted]
         if scheduled.preempted:
             logger.debug("preempted (recomputed later): %s", ", ".join(scheduled.preempted))
         if scheduled.is_empty:
             return outputs
         requests = {chunk.request_id: self._tracked[chunk.request_id].request for chunk in scheduled.chunks}
-        result = self.runner.execute(scheduled.chunks, requests)
-        deltas = {rid: self._tracked[rid].detokenizer.step([token]) for rid, token in result.sampled_token_ids.items()}
+        try:
+            if self.step_hook is not None:
+                self.step_hook(tuple(requests))
+            result = self.runner.execute(scheduled.chunks, requests)
+            deltas = {
+                rid: self._tracked[rid].detokenizer.step([token]) for rid, token in result.sampled_token_ids.items()
+            }
+        except Exception:  # only this step's requests fail; a BaseException (fatal) ends the engine's caller
+            logger.exception("engine step failed: failing its %d request(s): %s", len(requests), ", ".join(requests))
+            self.num_consecutive_failed_steps += 1
+            return outputs + [self._fail(request) for request in requests.values()]
+        self.num_consecutive_failed_steps = 0
         stop_strings = {rid: delta.stop_string for rid, delta in deltas.items() if delta.stop_string is not None}
         finished = {r.request_id for r in self.scheduler.update(scheduled, result.sampled_token_ids, stop_strings)}
         for request_id, token_id in result.sampled_token_ids.items():
@@ -211,8 +247,19 @@ class LLMEngine:
                 outputs.append(RequestOutput(request_id, [token_id], text, logprobs=logprobs))
         return outputs
 
+    def _fail(self, request: Request) -> RequestOutput:
+        """End a request whose step failed: aborted like a cancel (blocks freed now), finish_reason "error".
+        Its id comes back in the next schedule()'s `finished`, where it is no longer tracked, so it ends once."""
+        self.scheduler.abort_request(request.request_id)
+        return self._final_output(request, [], "", [], finish_reason="error")
+
     def _final_output(
-        self, request: Request, token_ids: list[int], text: str, logprobs: list[TokenLogprobs]
+        self,
+        request: Request,
+        token_ids: list[int],
+        text: str,
+        logprobs: list[TokenLogprobs],
+        finish_reason: str | None = None,
     ) -> RequestOutput:
         tracked = self._tracked.pop(request.request_id)
         self.runner.remove_request(request.request_id)
@@ -223,7 +270,7 @@ class LLMEngine:
             new_token_ids=token_ids,
             new_text=text,
             finished=True,
-            finish_reason=request.finish_reason or "abort",
+            finish_reason=finish_reason or request.finish_reason or "abort",
             stop_reason=request.stop_reason,
             usage=Usage(
                 prompt_tokens=request.num_prompt_tokens,

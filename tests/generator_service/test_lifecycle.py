@@ -171,8 +171,9 @@ def test_admission_control_rejects_before_any_work(stack: Stack, start_generator
 
 
 def test_engine_failure_fails_streams_and_turns_health_off(start_generator: StartGenerator) -> None:
-    """An exception in an engine step ends the engine thread: streams end UNAVAILABLE (not hang), new calls are
-    refused, and health says NOT_SERVING so that traffic moves to another replica."""
+    """An exception the engine cannot pin on the step's requests (here `step()` itself fails) ends the engine
+    thread: streams end UNAVAILABLE (not hang), new calls are refused, and health says NOT_SERVING so that traffic
+    moves to another replica."""
     generator = start_generator()
     assert generator.server.engine is not None
     engine: LLMEngine = generator.server.engine.engine
