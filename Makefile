@@ -67,6 +67,16 @@ $(COMPAT_VENV)/.installed: requirements.txt requirements-dev.txt
 test-faults: install
 	$(PY) -m pytest -q -m faults
 
+# Property-based fuzzing, long: random examples (a short, fixed-seed run is part of `make test`), then atheris on
+# image intake for FUZZ_SECONDS (installed on demand: it is not needed by the test suite).
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS ?= 120
+fuzz: install
+	MMSERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz -m fuzz -q --hypothesis-show-statistics
+	$(PY) -m pip install --quiet --disable-pip-version-check atheris==3.0.0
+	@corpus=$$(mktemp -d) && $(PY) tests/fuzz/atheris_intake.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	  -max_len=65536 -rss_limit_mb=4096 $$corpus; status=$$?; rm -rf $$corpus; exit $$status
+
 soak: install $(DEMO_MODEL)/config.json
 	$(PY) -m benchmarks.soak --model $(DEMO_MODEL) --minutes $(MINUTES)
 

@@ -41,9 +41,15 @@ from common.images.embedding import ImageEmbedding
 from common.images.errors import InvalidImageError
 from common.models.base import PreparedImage, collate
 
-# Processors that resize the shortest edge to S stretch the long edge to S * aspect before cropping: a 1 x 16384
-# image would become a 336 x 5.5M float array. Such images are rejected before the processor runs.
-MAX_ASPECT_RATIO = 32.0
+# The largest array, in values (3 channels x height x width), the processor's resize step may make of one image,
+# before any crop, tile or patch split (`ModelFamily.resized_size`). The ratio alone is harmless for fixed-size
+# (BLIP, SigLIP), pinpoint (LLaVA-NeXT), smart_resize (Qwen2-VL) and longest-edge (Idefics3) processors; what blows
+# up is a shortest-edge resize (CLIP / LLaVA), which stretches the long edge to S * aspect ratio: a 1 x 16384 image
+# at S = 336 would become 336 x 5505024 pixels, 5.5 G values (22 GB as float32). 64 M values (256 MiB as float32)
+# is ~10x what any supported processor makes of an ordinary photo (Qwen2-VL at a 12.8 M-pixel max_pixels: 38 M),
+# yet lets a 1:180 strip through at S = 336 (a 20 x 2000 strip becomes 336 x 33600 = 34 M values).
+MAX_RESIZED_VALUES = 64 * 1024 * 1024
+_CHANNELS = 3  # the processor's arrays are RGB
 
 
 class UnsupportedImageError(InvalidImageError):
@@ -74,18 +80,25 @@ class VisionEncoder:
         self._processor = load_processor(self.path)
         self.image_placeholder = image_placeholder(self._processor)
         self.tokens_per_image = self.family.tokens_per_image(self._processor)
+        # A processor size rule the family cannot read fails here, at start-up, rather than on the first request.
+        self.family.resized_size(self._processor, (64, 64))
 
     def num_image_tokens(self, image: Image.Image) -> int:
         """Rows of the embedding of `image` (the processor's rule; the same for every image of fixed-size families)."""
+        self.check_image(image)
         width, height = image.size
         return self.family.num_image_tokens(self._processor, (height, width))
 
     def check_image(self, image: Image.Image) -> None:
-        """Raises UnsupportedImageError for images the processor would blow up (extreme aspect ratios)."""
+        """Raises InvalidImageError for an image the processor refuses, and UnsupportedImageError (one) for an
+        image its resize step would make larger than MAX_RESIZED_VALUES; touches no pixel."""
         width, height = image.size
-        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        resized_height, resized_width = self.family.resized_size(self._processor, (height, width))
+        values = _CHANNELS * resized_height * resized_width
+        if values > MAX_RESIZED_VALUES:
             raise UnsupportedImageError(
-                f"image is {width} x {height}; the aspect ratio must be at most {MAX_ASPECT_RATIO:g}:1"
+                f"image is {width} x {height}: the processor would resize it to {resized_width} x {resized_height} "
+                f"pixels ({_count(values)} values), more than the limit of {_count(MAX_RESIZED_VALUES)} values"
             )
 
     def prepare(self, image: Image.Image, condition: str | None = None) -> PreparedImage:
@@ -136,3 +149,11 @@ class VisionEncoder:
             "processor": type(self._processor.image_processor).__name__,
             "fingerprint": self.fingerprint[:16],
         }
+
+
+def _count(values: int) -> str:
+    """5548965888 -> "5.5 G", 67108864 -> "64 M" (binary multiples, as the limit is written)."""
+    for unit, scale in (("G", 1024**3), ("M", 1024**2), ("k", 1024)):
+        if values >= scale:
+            return f"{values / scale:.3g} {unit}"
+    return str(values)

@@ -9,7 +9,9 @@ from the checkpoint's config by `common.models.family_for_config`:
     building the vision half   `build_vision`: one module holding Hugging Face's own vision submodules under
                                their HF names, whose `get_image_features` is HF's own method; `prepare_vision`
                                (e.g. drop tower layers whose output is never used)
-    image inputs               `prepare_image`: one decoded image (+ its condition) -> the processor's tensors
+    image inputs               `prepare_image`: one decoded image (+ its condition) -> the processor's tensors;
+                               `resized_size`: how large the processor's resize step would make it (checked
+                               before the processor runs, so a 1 x 16384 strip is refused, not stretched)
     image embeddings           `image_features`: a batch of prepared images -> one [rows, hidden] per image
     token counts               `tokens_per_image` (None when it varies) and `num_image_tokens(size)`: the
                                processor's own expansion rule, for an image of any size
@@ -32,12 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoProcessor, PretrainedConfig, PreTrainedModel, ProcessorMixin
+from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+from transformers.image_utils import ChannelDimension, SizeDict, get_image_size_for_max_height_width
 
-from common.errors import InvalidPrompt
+from common.errors import CheckpointError, InvalidPrompt
 
 Half = Literal["vision", "text"]
 ImageSize = tuple[int, int]  # (height, width) in pixels, as Hugging Face processors take it
@@ -129,6 +134,37 @@ class VisionModule(nn.Module):
         self.config = config
 
 
+def shape_only(size: ImageSize) -> np.ndarray:
+    """A [3, height, width] array that holds one byte: what Hugging Face's size helpers read (`image.shape`) without
+    an image of that size in memory (every element is the same zero, by a stride of 0)."""
+    return np.broadcast_to(np.zeros((), dtype=np.uint8), (3, *size))
+
+
+def backend_resized_size(image_processor: Any, size: ImageSize) -> ImageSize:
+    """(height, width) that HF's image-processor backends' `resize` makes of an image of `size`, by the same
+    dispatch on the processor's `size` and with HF's own helpers (CLIP, SigLIP, BLIP, Gemma 3...)."""
+    if not getattr(image_processor, "do_resize", True):
+        return size
+    target = image_processor.size
+    target = target if isinstance(target, SizeDict) else SizeDict(**target)
+    if target.shortest_edge and target.longest_edge:
+        height, width = get_size_with_aspect_ratio(size, target.shortest_edge, target.longest_edge)
+        return int(height), int(width)
+    if target.shortest_edge:  # the long edge is stretched to shortest_edge * aspect ratio
+        resized = get_resize_output_image_size(
+            shape_only(size), target.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST
+        )
+        return int(resized[0]), int(resized[1])
+    if target.max_height and target.max_width:
+        return get_image_size_for_max_height_width(size, target.max_height, target.max_width)
+    if target.height and target.width:
+        return int(target.height), int(target.width)
+    raise CheckpointError(
+        f"{type(image_processor).__name__} has a size mmserve cannot read ({target}): "
+        "set height and width, or shortest_edge, in preprocessor_config.json"
+    )
+
+
 def collate(images: Sequence[PreparedImage]) -> dict[str, torch.Tensor]:
     """Prepared images of one `batch_signature` -> the batched keyword arguments of `get_image_features`."""
     names = images[0].tensors
@@ -215,6 +251,15 @@ class ModelFamily(ABC):
         """One RGB image (and its `embedding_condition`) -> the tensors the checkpoint's processor makes of it."""
         outputs = processor.image_processor(images=[image], return_tensors="pt")
         return PreparedImage({name: value for name, value in outputs.items() if isinstance(value, torch.Tensor)})
+
+    def resized_size(self, processor: Any, size: ImageSize) -> ImageSize:
+        """(height, width) of the image the checkpoint's processor resizes an image of `size` to (its resize step,
+        before any crop, pad, tile or patch split), computed from the processor's own config and size rule with
+        no pixel touched. Raises InvalidImageError for a size the processor itself refuses.
+
+        Default: the rule of HF's image-processor backends (`backend_resized_size`).
+        """
+        return backend_resized_size(processor.image_processor, size)
 
     @abstractmethod
     def image_features(self, vision: VisionModule, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -38,6 +38,7 @@ mapping exists for these classes); a bare `Idefics3Model` / `SmolVLMModel` save 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -53,11 +54,13 @@ from transformers import (
     ProcessorMixin,
     SmolVLMConfig,
 )
+from transformers.models.idefics3 import image_processing_pil_idefics3
 from transformers.models.idefics3.modeling_idefics3 import (
     Idefics3Connector,
     Idefics3Model,
     Idefics3VisionTransformer,
 )
+from transformers.models.smolvlm import image_processing_pil_smolvlm
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector, SmolVLMModel, SmolVLMVisionTransformer
 from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
@@ -69,7 +72,9 @@ from common.models.base import (
     PreparedImage,
     PromptImage,
     VisionModule,
+    backend_resized_size,
     key_rule,
+    shape_only,
 )
 
 # Older releases (5.17 seen) resolve these families' PIL image processor to torchvision's, and fail without it.
@@ -128,6 +133,10 @@ class Idefics3Family(ModelFamily):
         key_rule(r"^lm_head\.", "text", "lm_head."),
     )
     vision_class: ClassVar[type[Idefics3Vision]] = Idefics3Vision
+    # The image processor's rule for `size={"longest_edge": L}`: HF's own function in the processor's module.
+    longest_edge_rule: ClassVar[Callable[..., tuple[int, int]]] = staticmethod(
+        image_processing_pil_idefics3.get_resize_output_image_size
+    )
     config: Idefics3Config | SmolVLMConfig  # transformers generates SmolVLM's classes: not subclasses of Idefics3's
 
     # --- checkpoint split ---------------------------------------------------------------------------------
@@ -165,6 +174,16 @@ class Idefics3Family(ModelFamily):
             pixel_values=batch["pixel_values"], pixel_attention_mask=batch["pixel_attention_mask"]
         )
         return list(outputs.pooler_output)
+
+    def resized_size(self, processor: Any, size: ImageSize) -> ImageSize:
+        """The first resize, longest edge to `size["longest_edge"]` (capped by HF at 4096 px), as the image
+        processor's `resize` computes it; the tiles and the global tile are cut from that. Any aspect ratio stays
+        within longest_edge^2."""
+        image_processor = processor.image_processor
+        if image_processor.do_resize and image_processor.size.longest_edge:
+            resized = self.longest_edge_rule(shape_only(size), resolution_max_side=image_processor.size.longest_edge)
+            return int(resized[0]), int(resized[1])
+        return backend_resized_size(image_processor, size)  # height and width, or no resize
 
     def image_layout(self, image: PreparedImage) -> tuple[int, ...]:
         """(rows, cols) of the image's tile grid; (0, 0) when the processor did not split it."""
@@ -266,3 +285,4 @@ class SmolVLMFamily(Idefics3Family):
     )
     vision_class = SmolVLMVision
     processor_class = ImagesOnlySmolVLMProcessor
+    longest_edge_rule = staticmethod(image_processing_pil_smolvlm.get_resize_output_image_size)

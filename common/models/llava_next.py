@@ -31,9 +31,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 from transformers import AutoModel, LlavaNextConfig
+from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, LlavaNextMultiModalProjector
 
-from common.models.base import CAUSAL_LM_KEY_RULES, VisionModule, key_rule
+from common.models.base import CAUSAL_LM_KEY_RULES, ImageSize, VisionModule, key_rule
 from common.models.llava import LlavaFamily
 
 
@@ -79,6 +80,13 @@ class LlavaNextFamily(LlavaFamily):
             pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"]
         )
         return list(outputs.pooler_output)
+
+    def resized_size(self, processor: Any, size: ImageSize) -> ImageSize:
+        """The grid pinpoint HF's `select_best_resolution` picks: the image is resized to fit it (aspect kept) and
+        padded to it, the largest array before the tiles are cut; the other crops are tile-sized. Any aspect
+        ratio stays within the largest pinpoint."""
+        best = select_best_resolution(size, processor.image_processor.image_grid_pinpoints)
+        return int(best[0]), int(best[1])
 
     def tokens_per_image(self, processor: Any) -> int | None:
         return None  # depends on each image's size: `num_image_tokens` asks the processor

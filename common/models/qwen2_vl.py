@@ -68,6 +68,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLModel,
     Qwen2_5_VLTextModel,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VisionTransformerPretrainedModel,
     Qwen2VLModel,
@@ -76,8 +77,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 )
 
 from common.errors import InvalidPrompt
+from common.images.errors import InvalidImageError
 from common.models.base import (
     CAUSAL_LM_KEY_RULES,
+    ImageSize,
     ImagesOnlyProcessor,
     ModelFamily,
     PositionPlan,
@@ -202,6 +205,28 @@ class Qwen2VLFamily(ModelFamily):
             pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"]
         )
         return list(outputs.pooler_output)
+
+    def resized_size(self, processor: Any, size: ImageSize) -> ImageSize:
+        """HF's `smart_resize` with the image processor's settings (multiples of patch * merge, the pixel count
+        within [min_pixels, max_pixels] = size's shortest_edge / longest_edge), as its `resize` calls it.
+        smart_resize refuses aspect ratios above 200:1 with a ValueError: here that is the client's image."""
+        image_processor = processor.image_processor
+        if not image_processor.do_resize:
+            return size
+        height, width = size
+        try:
+            resized = smart_resize(
+                height,
+                width,
+                factor=image_processor.patch_size * image_processor.merge_size,
+                min_pixels=image_processor.size.shortest_edge,
+                max_pixels=image_processor.size.longest_edge,
+            )
+        except ValueError as e:
+            raise InvalidImageError(
+                f"image is {width} x {height}, which {type(image_processor).__name__} cannot resize: {e}"
+            ) from e
+        return int(resized[0]), int(resized[1])
 
     def image_layout(self, image: PreparedImage) -> tuple[int, ...]:
         """The image's patch grid (t, h, w), as `image_grid_thw` (before merging)."""
