@@ -142,7 +142,7 @@ class ServerConfig:
 class CacheConfig:
     """Embedding cache: Redis when `redis_url` is set, else an in-process LRU bounded in bytes."""
 
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password: never printed
     redis_cluster: bool = False  # redis_url names one node of a Redis Cluster
     redis_timeout_ms: float = 50.0
     ttl_s: int = 0  # 0 = entries never expire (Redis eviction policy decides)
@@ -153,7 +153,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         _check(
             self.redis_url is None or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            f"--redis-url {self.redis_url!r}: use redis://host:port/db, rediss://... or unix://path",
+            f"--redis-url scheme {str(self.redis_url).partition(':')[0]!r}: use redis://host:port/db, rediss://... "
+            "or unix://path",
         )
         _check(
             not self.redis_cluster or (self.redis_url is not None and not self.redis_url.startswith("unix://")),
@@ -352,7 +353,7 @@ def _add_cache_flags(flags: _Flags) -> None:
     flags.add(
         "--redis-url",
         help="Redis for the shared embedding cache: redis://[user:password@]host:port/db, rediss://... (TLS) or "
-        "unix://path (unset = in-process LRU only)",
+        "unix://path (unset = in-process LRU only); with a password prefer MMSERVE_REDIS_URL (not shown by ps)",
     )
     flags.switch("--redis-cluster", help="--redis-url is one node of a Redis Cluster (the client finds the rest)")
     flags.add(

@@ -11,6 +11,11 @@ Failure policy (the cache is optional, a request never fails because of it):
 A Redis record that fails verification (header, version, length, fingerprint, image key, dtype, shape,
 non-finite values) is a miss, and is deleted if it is still the value we read (compare-and-delete, so a fresh
 write is not lost). The image key check catches another image's record stored under this key.
+
+Redis is named by a URL: redis://[[user]:password@]host:port/db, rediss://... (TLS; CA and client certificates as
+query arguments, e.g. ?ssl_ca_certs=/etc/mmserve/ca.pem) or unix://path. With `CacheConfig.redis_cluster` the URL
+names one node of a Redis Cluster. Every command touches one key, so each runs on the node owning that key's slot;
+a dead node makes its own keys misses, the others keep hitting. Log URLs only through `redacted_url`.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import torch
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from common.config import CacheConfig
 from common.embedding_record import EmbeddingRecord, RecordError, decode_record, encode_record
@@ -41,8 +49,32 @@ from common.tensor_codec import TensorDecodeError, tensor_from_bytes, tensor_to_
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# Compare-and-delete: drop a poisoned record only if nobody replaced it since we read it.
+# Compare-and-delete: drop a poisoned record only if nobody replaced it since we read it. It touches KEYS[1] only,
+# so on a Redis Cluster it runs on the node that owns that key's slot.
 _DELETE_IF_UNCHANGED = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_REDACTED = "***"
+_SECRET_QUERY_ARGS = frozenset({"password", "ssl_password"})  # redis-py takes both from a URL's query string too
+
+
+def redacted_url(url: str) -> str:
+    """`url` fit for a log line: the password (in the userinfo or a ?password= argument) replaced by ***;
+    scheme, user, host, port, db and the other query arguments kept."""
+    parts = urlsplit(url)
+    if "@" in parts.path + parts.query + parts.fragment:
+        # An unencoded '/', '?' or '#' in the password moved part of it past the netloc: show nothing of it.
+        return f"{parts.scheme}://{_REDACTED}"
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, address = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{_REDACTED}@{address}"
+    query = "&".join(_redacted_query_arg(arg) for arg in parts.query.split("&"))
+    # Built by hand: urlunsplit drops the empty netloc of unix:///path.
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if parts.query else "")
+
+
+def _redacted_query_arg(arg: str) -> str:
+    name, separator, _ = arg.partition("=")
+    return f"{name}={_REDACTED}" if separator and name.lower() in _SECRET_QUERY_ARGS else arg
 
 
 class EmbeddingCache(Protocol):
@@ -130,7 +162,7 @@ class RedisEmbeddingCache:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         fingerprint: str,
         *,
         timeout_s: float = 0.05,
@@ -145,6 +177,7 @@ class RedisEmbeddingCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self._cluster_startup = _ClusterStartup(client) if isinstance(client, RedisCluster) else None
         self.fingerprint = fingerprint
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
@@ -157,16 +190,24 @@ class RedisEmbeddingCache:
 
     @classmethod
     def from_config(cls, config: CacheConfig, fingerprint: str, **kwargs: object) -> RedisEmbeddingCache:
-        """A cache for `config.redis_url`. The client never retries: the caller's time box is the only budget."""
+        """A cache for `config.redis_url` (a Redis Cluster node when `config.redis_cluster`). The caller's time box
+        is the only budget: a single-node client retries once, at once, which replaces a pooled connection the
+        server closed (a Redis restart or an idle timeout would otherwise fail one call per pooled connection and
+        open the breaker although Redis is back); a cluster client does not retry (it re-reads the topology)."""
         if config.redis_url is None:
             raise ValueError("CacheConfig.redis_url is not set")
         timeout_s = config.redis_timeout_ms / 1000
-        client = Redis.from_url(
-            config.redis_url,
-            socket_timeout=max(1.0, 4 * timeout_s),  # the asyncio time box below is the real limit
-            socket_connect_timeout=max(0.5, 2 * timeout_s),
-            retry=Retry(NoBackoff(), 0),
-            max_connections=256,
+        options: dict[str, Any] = {
+            "socket_timeout": max(1.0, 4 * timeout_s),  # the asyncio time box in _call is the real limit
+            "socket_connect_timeout": max(0.5, 2 * timeout_s),
+            "max_connections": 256,  # per node on a cluster
+        }
+        kind = "Redis Cluster node" if config.redis_cluster else "Redis"
+        logger.info("embedding cache: %s at %s", kind, redacted_url(config.redis_url))
+        client = (
+            _cluster_client(config.redis_url, {**options, "retry": Retry(NoBackoff(), 0)})
+            if config.redis_cluster
+            else Redis.from_url(config.redis_url, **options, retry=Retry(NoBackoff(), 1))
         )
         return cls(
             client,
@@ -210,6 +251,8 @@ class RedisEmbeddingCache:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._cluster_startup is not None:
+            await self._cluster_startup.close()
 
     def _verify(self, blob: bytes, key: str) -> ImageEmbedding:
         record = decode_record(blob, self.fingerprint, key)
@@ -236,8 +279,11 @@ class RedisEmbeddingCache:
             raise CacheUnavailableError("Redis skipped: circuit breaker open")
         try:
             async with asyncio.timeout(self._timeout_s):
+                if self._cluster_startup is not None:
+                    await self._cluster_startup.wait()
                 result = await command()
-        except (RedisError, OSError, TimeoutError) as exc:
+        # RedisClusterException (no reachable node, a slot without an owner) is not a RedisError.
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self.breaker.record_failure()
             if self._on_error is not None:
                 self._on_error(op)
@@ -245,3 +291,70 @@ class RedisEmbeddingCache:
             raise CacheUnavailableError(f"Redis {op} failed: {type(exc).__name__}") from None
         self.breaker.record_success()
         return result
+
+
+def _cluster_client(url: str, options: dict[str, Any]) -> RedisCluster:
+    """A RedisCluster client that never retries. `retry` is the cluster-level policy (redis-py re-runs a command
+    after a connection error, timeout or CLUSTERDOWN with a reloaded topology): 0 retries = one attempt. Node
+    connections get no retry of their own (redis-py's default for them), and `cluster_error_retry_attempts` is
+    ignored once `retry` is given."""
+    client = RedisCluster.from_url(
+        url,
+        # Start even when some slots have no owner (a shard lost, a resharding half done): only those keys fail.
+        require_full_coverage=False,
+        **options,
+    )
+    client.commands_parser = _CommandTableOnce()
+    return client
+
+
+class _CommandTableOnce(AsyncCommandsParser):
+    """Fetches the COMMAND table once. redis-py reloads the topology after every connection error to a node, and
+    with it COMMAND: ~240 entries parsed synchronously, ~80 ms on a busy core, during which the event loop stalls
+    past every caller's time box. With a node dead, each miss on its keys would stall the next call of every other
+    key. The table does not change with the topology; the node used for COMMAND GETKEYS still follows it."""
+
+    async def initialize(self, node: ClusterNode | None = None) -> None:
+        if node is not None:
+            self.node = node
+        if not self.commands:
+            await super().initialize(node)
+
+
+class _ClusterStartup:
+    """Loads the cluster topology (CLUSTER SLOTS, COMMAND) in a task that callers' time boxes do not cancel.
+
+    Cold, the load takes several round trips and ~100 ms (COMMAND's parse): over a link slower than the time box,
+    cancelled with each caller, it would start over on every call and never finish. A caller waits for it within
+    its own box (a miss when the box runs out) and the load goes on for the next one. A load that failed (no node
+    reachable) is started again by the next caller.
+    """
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+        self._task: asyncio.Task[RedisCluster] | None = None
+
+    async def wait(self) -> None:
+        task = self._task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._task = asyncio.create_task(self._client.initialize())
+            task.add_done_callback(_retrieve_exception)
+        await asyncio.shield(task)
+
+    async def close(self) -> None:
+        """Stops a pending load and closes every node connection (after the client's own aclose())."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, RedisClusterException, OSError):
+                await self._task
+        # RedisCluster.aclose() closes nothing while a topology reload is pending, which is the case after any node
+        # error: close the node connections here (closing a closed one is a no-op).
+        await self._client.nodes_manager.aclose()
+        await self._client.nodes_manager.aclose("startup_nodes")
+
+
+def _retrieve_exception(task: asyncio.Task[Any]) -> None:
+    # A load whose waiters all timed out: its failure is counted by their time boxes; asyncio must not log
+    # "exception was never retrieved" for it.
+    if not task.cancelled():
+        task.exception()

@@ -307,12 +307,6 @@ def test_generator_never_uses_a_poisoned_record(stack: RedisStack, kind: str) ->
     assert_recovered(generator)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisEmbeddingCache.from_config builds its client with Retry(NoBackoff(), 0): a pooled connection the "
-    "server or network closed fails its next command (a miss counted as a Redis error, feeding the breaker) instead "
-    "of being replaced; Retry(NoBackoff(), 1) fixes it (the asyncio time box still bounds the call)",
-)
 def test_dropped_connections_cost_no_cache_miss(stack: RedisStack) -> None:
     """Every connection to Redis dropped while idle (a Redis failover, an idle-timeout in a proxy): the next calls
     reconnect and still find the records, with no Redis error counted."""
