@@ -23,10 +23,14 @@ from transformers import PreTrainedModel
 
 from common.models.base import PositionPlan
 from generator_service.engine import paged_attention
-from generator_service.engine.paged_attention import METADATA_KWARG, AttentionMetadata, PrefillChunk
+from generator_service.engine.paged_attention import METADATA_KWARG, AttentionMetadata, DecodeGroup, PrefillChunk
 from generator_service.engine.request import ImageSpan, Request
 from generator_service.engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from generator_service.engine.scheduler import ScheduledChunk
+
+# The padded K+V one decode group gathers per layer, on CPU: small enough to stay in the allocator's reused memory
+# (a fresh multi-hundred-MB buffer per layer is page-faulted on every step), large enough to batch several rows.
+DECODE_GROUP_BYTES_CPU = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,10 @@ class ModelRunner:
                 )
                 for _ in range(self.spec.num_layers)
             ]
+        # Decode attention gathers each group's K and V blocks per layer; on CPU a bounded gather is several times
+        # faster than one for the whole batch (see paged_attention.py). None = no bound (one group).
+        self.decode_group_bytes: int | None = DECODE_GROUP_BYTES_CPU if self.device.type == "cpu" else None
+        self._gather_bytes_per_block = self.spec.bytes_per_block(block_size) // self.spec.num_layers
         self.embed_tokens = model.get_input_embeddings()
         self.sampler = Sampler()
         self._images: dict[str, list[tuple[ImageSpan, torch.Tensor]]] = {}
@@ -164,15 +172,10 @@ class ModelRunner:
             [list(c.block_table) + [0] * (max_blocks - len(c.block_table)) for c in chunks], device=device
         )
         slot_mapping = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size  # [T]
-        context_lens = starts + lengths  # [S]
 
-        is_decode = lengths == 1
-        decode_idx = torch.nonzero(is_decode).flatten()  # [D] chunk indices
-        max_context = int(context_lens[decode_idx].max()) if decode_idx.numel() else 0
-        key_positions = torch.arange(max_context, device=device)  # [L]
-        decode_tables = block_tables.index_select(0, decode_idx)  # [D, max_blocks]
-        decode_slots = decode_tables[:, key_positions // block_size] * block_size + key_positions % block_size
-        decode_valid = key_positions[None, :] < context_lens.index_select(0, decode_idx)[:, None]  # [D, L]
+        decode_groups = self._decode_groups(
+            [i for i, chunk in enumerate(chunks) if chunk.num_tokens == 1], block_tables, starts, row_starts
+        )
 
         prefills = []
         for i, chunk in enumerate(chunks):
@@ -190,12 +193,9 @@ class ModelRunner:
             )
         attention = AttentionMetadata(
             kv_caches=self.kv_caches,
+            block_size=block_size,
             slot_mapping=slot_mapping,
-            decode_rows=row_starts.index_select(0, decode_idx),
-            decode_slots=decode_slots,
-            decode_positions=starts.index_select(0, decode_idx),
-            decode_key_positions=key_positions,
-            decode_valid=decode_valid,
+            decode_groups=decode_groups,
             prefills=prefills,
             num_tokens=num_tokens,
         )
@@ -205,6 +205,37 @@ class ModelRunner:
         logits_rows = (row_starts + lengths - 1)[torch.tensor(sampling, device=device, dtype=torch.long)]
         rope_positions = self._rope_positions(chunks, positions, row_starts.tolist())
         return _Batch(inputs_embeds, rope_positions, attention, logits_rows)
+
+    def _decode_groups(
+        self, decode_chunks: list[int], block_tables: torch.Tensor, starts: torch.Tensor, row_starts: torch.Tensor
+    ) -> list[DecodeGroup]:
+        """Single-token chunks in attention groups: by context length, each group's padded K+V gather within
+        `decode_group_bytes` (one group on CUDA, where one big batched kernel is what is fast)."""
+        if not decode_chunks:
+            return []
+        block_size = self.block_size
+        context_blocks = ((starts + block_size) // block_size).tolist()  # [S] blocks holding positions 0 .. start
+        order = sorted(decode_chunks, key=lambda i: context_blocks[i])
+        budget = self.decode_group_bytes
+        groups: list[list[int]] = [[]]
+        for i in order:
+            # sorted ascending: chunk i's context is the longest of its group so far
+            padded_bytes = (len(groups[-1]) + 1) * context_blocks[i] * self._gather_bytes_per_block
+            if groups[-1] and budget is not None and padded_bytes > budget:
+                groups.append([])
+            groups[-1].append(i)
+        decode_groups = []
+        for members in groups:
+            index = torch.tensor(members, device=self.device)
+            num_blocks = context_blocks[members[-1]]
+            decode_groups.append(
+                DecodeGroup(
+                    rows=row_starts.index_select(0, index),
+                    block_tables=block_tables.index_select(0, index)[:, :num_blocks],
+                    positions=starts.index_select(0, index),
+                )
+            )
+        return decode_groups
 
     def _rope_positions(
         self, chunks: Sequence[ScheduledChunk], positions: torch.Tensor, rows: list[int]

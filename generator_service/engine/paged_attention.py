@@ -7,8 +7,12 @@ kwargs to the attention function of every layer, builds no mask for an unregiste
 
 1. write the step's new keys/values into the cache slots `slot_mapping` (token index -> block * bs + offset);
 2. attend, reading each sequence's context back through its block table:
-   - decode-like rows (one query per sequence) in one batched SDPA over a padded gather
-     `[num_decode, kv_heads, max_context, head_dim]` with a key-padding mask;
+   - decode-like rows (one query per sequence) in groups (`DecodeGroup`): each group gathers its sequences' cache
+     BLOCKS (one index per block, not per token) into a padded `[n, kv_heads, blocks * block_size, head_dim]` and
+     runs one batched SDPA with a key-padding mask. On CPU the groups are small (sequences sorted by context length,
+     a bounded gather each), because one padded gather of the whole batch is hundreds of MB per layer, freshly
+     allocated and page-faulted every time: at 64 sequences x 1-2k context, grouping made decode attention ~3x
+     faster (benchmarks/decode_attention_bench.py);
    - each multi-token prefill chunk in its own SDPA with a bottom-right causal mask
      (a chunk at positions [start, start + n) sees keys [0, start + i] for its row i).
 
@@ -58,16 +62,34 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows (one query each) attended together: their contexts padded to `block_tables.shape[1]` blocks."""
+
+    rows: torch.Tensor  # [n] rows of the flattened batch
+    block_tables: torch.Tensor  # [n, B] cache blocks of each row's context, padded with block 0 (masked out)
+    positions: torch.Tensor  # [n] absolute position of each row's query (its context is 0 .. position)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def mask(self, window: int | None, block_size: int) -> torch.Tensor:
+        """[n, 1, 1, B * block_size] bool: key visible to the row's query. Built once per step and window."""
+        if window not in self._masks:
+            key_positions = torch.arange(self.block_tables.shape[1] * block_size, device=self.positions.device)
+            distance = self.positions[:, None] - key_positions[None, :]  # [n, L]
+            visible = distance >= 0
+            if window is not None:
+                visible = visible & (distance < window)
+            self._masks[window] = visible[:, None, None, :]
+        return self._masks[window]
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step tensors shared by all layers; built once per step by the model runner."""
 
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v), each [num_slots, kv_heads, head_dim]
+    block_size: int
     slot_mapping: torch.Tensor  # [T] where each new token's K/V go
-    decode_rows: torch.Tensor  # [D] rows of the flattened batch that are single-token chunks
-    decode_slots: torch.Tensor  # [D, L] cache slots of each decode row's context, padded with slot 0
-    decode_positions: torch.Tensor  # [D] absolute position of each decode row's query
-    decode_key_positions: torch.Tensor  # [L] 0 .. L-1
-    decode_valid: torch.Tensor  # [D, L] bool: key position < context length
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
     num_tokens: int
 
@@ -92,18 +114,21 @@ def paged_attention(
     gqa = num_heads != key.shape[1]
     out = query.new_empty(meta.num_tokens, num_heads, head_dim)  # [T, heads, head_dim]
 
-    if meta.decode_rows.numel():
-        q = query[0].index_select(1, meta.decode_rows).transpose(0, 1).unsqueeze(2)  # [D, heads, 1, head_dim]
-        num_decode, max_len = meta.decode_slots.shape
-        flat = meta.decode_slots.reshape(-1)
-        k = k_cache.index_select(0, flat).view(num_decode, max_len, -1, head_dim).transpose(1, 2)  # [D, kvh, L, hd]
-        v = v_cache.index_select(0, flat).view(num_decode, max_len, -1, head_dim).transpose(1, 2)
-        visible = meta.decode_valid
-        if window is not None:
-            visible = visible & (meta.decode_positions[:, None] - meta.decode_key_positions[None, :] < window)
-        mask = visible[:, None, None, :]  # [D, 1, 1, L]
+    block_size = meta.block_size
+    # [num_blocks, block_size * kv_heads * head_dim] views: index_select copies 2-D rows with one memcpy each, while
+    # on a 4-D view it takes a generic element-wise path several times slower.
+    k_blocks = k_cache.view(-1, block_size * k_cache.shape[1] * head_dim)
+    v_blocks = v_cache.view(-1, block_size * v_cache.shape[1] * head_dim)
+    for group in meta.decode_groups:
+        q = query[0].index_select(1, group.rows).transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
+        num_rows, num_blocks = group.block_tables.shape
+        flat = group.block_tables.reshape(-1)
+        shape = (num_rows, num_blocks * block_size, -1, head_dim)
+        k = k_blocks.index_select(0, flat).view(shape).transpose(1, 2)  # [n, kv_heads, L, head_dim]
+        v = v_blocks.index_select(0, flat).view(shape).transpose(1, 2)
+        mask = group.mask(window, block_size)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out.index_copy_(0, meta.decode_rows, attended[:, :, 0, :])  # [D, heads, head_dim]
+        out.index_copy_(0, group.rows, attended[:, :, 0, :])  # [n, heads, head_dim]
 
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)

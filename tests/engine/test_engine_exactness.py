@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from common.config import EngineConfig, ModelConfig
 from common.models import family_for_config
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine, RequestOutput
+from generator_service.engine.paged_attention import DecodeGroup
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.engine.scheduler import RequestRejected
 from generator_service.inputs import InputProcessor, InvalidPrompt
@@ -88,10 +90,25 @@ class Harness:
             image_embeddings=tuple(features),
         )
 
-    def engine(self, **overrides: object) -> LLMEngine:
+    def engine(self, *, decode_group_bytes: int | None = None, **overrides: object) -> LLMEngine:
+        """`decode_group_bytes`: the runner's bound on one decode attention group's gather (small values split the
+        decode rows into many groups; the runner then records how many groups each step had)."""
         settings: dict = {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 512}
         settings.update(overrides)
-        return LLMEngine.from_config(EngineConfig(model=ModelConfig(str(self.path)), **settings))
+        engine = LLMEngine.from_config(EngineConfig(model=ModelConfig(str(self.path)), **settings))
+        if decode_group_bytes is not None:
+            runner = engine.runner
+            runner.decode_group_bytes = decode_group_bytes
+            original = runner._decode_groups
+            self.decode_group_counts: list[int] = []
+
+            def recording(*args: Any) -> list[DecodeGroup]:
+                groups = original(*args)
+                self.decode_group_counts.append(len(groups))
+                return groups
+
+            runner._decode_groups = recording  # type: ignore[method-assign,assignment]
+        return engine
 
 
 def drive(
@@ -151,6 +168,8 @@ def cases(harness: Harness) -> list[Case]:
         pytest.param({"max_num_batched_tokens": 7}, id="chunked-prefill"),
         pytest.param({"num_kv_blocks": 24, "max_num_batched_tokens": 16}, id="preemption"),
         pytest.param({"enable_prefix_caching": False, "max_num_seqs": 3}, id="no-prefix-cache-max-seqs-3"),
+        pytest.param({"decode_group_bytes": 1}, id="decode-groups-of-one"),
+        pytest.param({"decode_group_bytes": 6000}, id="decode-groups-mixed"),
     ],
 )
 def test_staggered_batch_matches_hf(harness: Harness, cases: list[Case], settings: dict) -> None:
@@ -164,6 +183,8 @@ def test_staggered_batch_matches_hf(harness: Harness, cases: list[Case], setting
         assert tokens(outputs[f"r{i}"]) == case.reference, f"request r{i} ({case.images} images)"
     if "num_kv_blocks" in settings:
         assert engine.stats().preemptions_total > 0  # the small cache really forced preemption
+    if "decode_group_bytes" in settings:
+        assert max(harness.decode_group_counts) > 1  # the decode rows really were split into groups
 
 
 def test_prefix_cache_hits_same_image_and_separates_different_images(harness: Harness, cases: list[Case]) -> None:
@@ -273,12 +294,13 @@ def test_sliding_window_mistral(checkpoint_factory: CheckpointFactory, tmp_path:
     selected = _cases()[:4]
     for case in selected:
         case.reference = harness.reference(case)
-    outputs = drive(
-        harness.engine(max_num_batched_tokens=10),
-        {i: [harness.request(f"r{i}", case)] for i, case in enumerate(selected)},
-    )
-    for i, case in enumerate(selected):
-        assert tokens(outputs[f"r{i}"]) == case.reference
+    for decode_group_bytes in (None, 1):  # one decode group; one per sequence (each group has its own mask)
+        outputs = drive(
+            harness.engine(max_num_batched_tokens=10, decode_group_bytes=decode_group_bytes),
+            {i: [harness.request(f"r{i}", case)] for i, case in enumerate(selected)},
+        )
+        for i, case in enumerate(selected):
+            assert tokens(outputs[f"r{i}"]) == case.reference
 
 
 def test_random_schedule_matches_hf(harness: Harness, cases: list[Case]) -> None:
