@@ -13,7 +13,7 @@ DEMO_MODEL := .cache/models/demo-$(FAMILY)-tiny
 BENCH_MODEL := .cache/models/bench
 PROTOS := protos/encoder.proto protos/generator.proto
 
-.PHONY: help install proto proto-check lint typecheck check test test-compat test-faults fuzz soak demo demo-model bench bench-encoder bench-engine bench-serve up down clean
+.PHONY: help install proto proto-check lint typecheck check test test-compat test-faults fuzz soak gpu-check demo demo-model bench bench-encoder bench-engine bench-serve up down clean
 
 help:
 	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
@@ -23,6 +23,8 @@ help:
 	@echo "make test-faults the fault suite alone (Redis, encoder, engine, client and SIGTERM faults; also in make test)"
 	@echo "make fuzz        long property-based fuzzing of image intake and request validation (FUZZ_EXAMPLES=N)"
 	@echo "make soak        $(MINUTES)-minute soak of both services + Redis (MINUTES=N); exits 1 on a leak or an error"
+	@echo "make gpu-check   on a CUDA machine: correctness vs HF and a timing table on a 7B-shaped checkpoint"
+	@echo "                 (GPU_PY=<a python with CUDA torch>; results in gpu-check.json)"
 	@echo "make install     create $(VENV) with the pinned dependencies"
 	@echo "make proto       regenerate the gRPC stubs in protos/"
 	@echo "make check       proto freshness, ruff and mypy (what CI runs before the tests)"
@@ -76,6 +78,12 @@ fuzz: install
 	$(PY) -m pip install --quiet --disable-pip-version-check atheris==3.0.0
 	@corpus=$$(mktemp -d) && $(PY) tests/fuzz/atheris_intake.py -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
 	  -max_len=65536 -rss_limit_mb=4096 $$corpus; status=$$?; rm -rf $$corpus; exit $$status
+
+# No `install` prerequisite: a GPU host may have no index to install from, and .venv holds the CPU build of torch;
+# GPU_PY points at a Python with CUDA torch and this repository's requirements.
+GPU_PY ?= $(PY)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check --out gpu-check.json
 
 soak: install $(DEMO_MODEL)/config.json
 	$(PY) -m benchmarks.soak --model $(DEMO_MODEL) --minutes $(MINUTES)

@@ -11,6 +11,10 @@ timed encode is a cache miss unless it is meant to be a hit):
 
 Every figure is the median over --repeats runs, the figures' runs interleaved so that load from elsewhere on the
 machine hits them alike (its load average is printed too). Prints a Markdown section for BENCHMARKS.md.
+
+Compute floor (benchmarks/floor.py): the FLOPs of encoding one bench image (vision tower + projector, counted by
+FlopCounterMode in this process) over this machine's fp32 matmul peak, measured here before and after the runs
+(the better of the two). Each images/s figure and the server-side time per image show the share of it they reach.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from benchmarks.floor import VisionFlops, compute_floor_seconds, measure_matmul_peak
+from common.config import ModelConfig
+from common.images.cache import redacted_url
+from common.images.vision_encoder import VisionEncoder
 from protos import encoder_pb2, encoder_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,6 +217,12 @@ async def run_all(
     return samples, redis_keys
 
 
+def image_flops(model: str, image: bytes) -> int:
+    """FLOPs of encoding `image` (the pool's kind: every one has the same prepared shape), counted in this process."""
+    encoder = VisionEncoder(ModelConfig(model=model))
+    return VisionFlops(encoder).image(Image.open(io.BytesIO(image)).convert("RGB"))
+
+
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
@@ -228,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; medians are reported")
     parser.add_argument("--max-batch-size", type=int, default=16, help="passed to the encoder")
     parser.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="passed to the encoder")
+    parser.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring the matmul peak, twice")
     args = parser.parse_args(argv)
     pool = ImagePool()
     batching = ["--max-batch-size", str(args.max_batch_size), "--max-batch-wait-ms", str(args.max_batch_wait_ms)]
@@ -235,10 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.closing(redis.Redis.from_url(args.redis_url, socket_timeout=2)) as client:
             client.ping()
     except redis.RedisError as exc:
-        print(f"error: the hit/miss figures need Redis at {args.redis_url} ({exc}); start one "
+        print(f"error: the hit/miss figures need Redis at {redacted_url(args.redis_url)} ({exc}); start one "
               "(redis-server --save '' --appendonly no) or pass --redis-url", file=sys.stderr)
         return 2
     print(f"machine: {machine()}", flush=True)
+    flops = image_flops(args.model, ImagePool(seed=1).take(1)[0])  # another seed: the timed images stay the same
+    peak = measure_matmul_peak(torch.float32, "cpu", args.peak_seconds)
 
     with contextlib.ExitStack() as stack:
         batched = stack.enter_context(launch_encoder(args.model, batching))
@@ -246,19 +263,25 @@ def main(argv: list[str] | None = None) -> int:
         redis_args = [*batching, "--redis-url", args.redis_url, "--redis-timeout-ms", "1000"]
         remote = stack.enter_context(launch_encoder(args.model, redis_args))
         samples, keys = asyncio.run(run_all(batched, unbatched, remote, pool, args.repeats))
+    peak = max(peak, measure_matmul_peak(torch.float32, "cpu", args.peak_seconds))  # load only lowers a measurement
+    floor_s = compute_floor_seconds(flops, peak)  # per image
     with contextlib.closing(redis.Redis.from_url(args.redis_url)) as client:
         client.delete(*(f"mmserve:emb:{key}" for key in keys))
 
     m = samples.median
     one = m("ips_1")
 
+    def share(images_per_s: float) -> str:
+        return f"{images_per_s * floor_s:.1%} of compute floor"
+
     def ratio(name: str) -> str:
-        return f"{m(name):.2f} ({m(name) / one:.2f}x)"
+        return f"{m(name):.2f} ({m(name) / one:.2f}x; {share(m(name))})"
 
     def hit(kind: str) -> str:
         miss_ms, hit_ms = m(f"{kind}_miss_ms"), m(f"{kind}_hit_ms")
         return f"{miss_ms:.0f} ms / {hit_ms:.2f} ms ({100 * hit_ms / miss_ms:.2f}% of a miss)"
 
+    forward_shares = " / ".join(f"{1000 * floor_s / m(f'forward_ms_{n}'):.0%}" for n in (1, 8, 32))
     lines = [
         f"Command: `make bench-encoder` (`python -m benchmarks.encoder_bench --model {args.model}`); encoder flags "
         f"`--max-batch-size {args.max_batch_size} --max-batch-wait-ms {args.max_batch_wait_ms:g}`; medians of "
@@ -269,12 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         "| figure | value |",
         "| --- | --- |",
         f"| encode latency, batch 1 (one client, cache miss, end to end) | {m('local_miss_ms'):.0f} ms |",
-        f"| images/s, one at a time (one client) | {one:.2f} |",
+        f"| compute floor per image: FLOPs / fp32 matmul peak (best square torch.mm, {torch.get_num_threads()} "
+        f"threads) | {flops / 1e9:.1f} GFLOP / {peak:.1f} GFLOP/s = {floor_s * 1000:.0f} ms |",
+        f"| images/s, one at a time (one client) | {one:.2f} ({share(one)}) |",
         f"| images/s, 8 concurrent clients, dynamic batching | {ratio('ips_8')}, {m('batch_8'):.1f} images/pass |",
         f"| images/s, 32 concurrent clients, dynamic batching | {ratio('ips_32')}, {m('batch_32'):.1f} images/pass |",
         f"| images/s, 8 concurrent clients, `--max-batch-size 1` | {ratio('ips_8_unbatched')} |",
         "| vision tower + projector time per image (server side): 1 / 8 / 32 clients | "
-        f"{m('forward_ms_1'):.0f} / {m('forward_ms_8'):.0f} / {m('forward_ms_32'):.0f} ms |",
+        f"{m('forward_ms_1'):.0f} / {m('forward_ms_8'):.0f} / {m('forward_ms_32'):.0f} ms (compute floor "
+        f"{floor_s * 1000:.0f} ms: {forward_shares}) |",
         f"| in-process LRU: miss / hit | {hit('local')} |",
         f"| Redis: miss / hit | {hit('redis')} |",
     ]

@@ -29,6 +29,7 @@ from common.demo_checkpoints.parts import (
     SizePreset,
     build_tokenizer,
     check_choice,
+    instantiate,
     save_checkpoint,
     seeded,
     set_special_ids,
@@ -79,13 +80,39 @@ class LlavaLike:
         seed: int = 0,
         vision_feature_layer: int | list[int] = -2,
         vision_feature_select_strategy: str | None = None,
+        device: str = "cpu",
     ) -> Path:
-        """Write a random-weight checkpoint of this kind and return its path. Same arguments, same files."""
+        """Write a random-weight checkpoint of this kind and return its path. Same arguments, same files.
+
+        `device`: where the weights are drawn ("cuda" for the 7b preset: seconds instead of minutes)."""
+        config, tokenizer, strategy = self.make_config(
+            vision=vision,
+            text=text,
+            size=size,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+        )
+        preset = size_preset(size)
+        seeded(seed)
+        model = instantiate(self.model_class, config, preset, device)
+        description = {"family": self.family, "vision": vision, "text": text, "size": size, "seed": seed}
+        return save_checkpoint(out_dir, model, self.processor(vision, preset, tokenizer, strategy), description)
+
+    def make_config(
+        self,
+        *,
+        vision: str = "clip",
+        text: str = "llama",
+        size: str = "tiny",
+        vision_feature_layer: int | list[int] = -2,
+        vision_feature_select_strategy: str | None = None,
+    ) -> tuple[PretrainedConfig, PreTrainedTokenizerFast, str]:
+        """The model config, the tokenizer it is sized for and the feature-select strategy; no weights."""
         check_choice("text", text, TEXT_CHOICES)
         preset = size_preset(size)
         # CLIP has a CLS token that LLaVA's "default" strategy drops; SigLIP has none and uses "full".
         strategy = vision_feature_select_strategy or ("default" if vision == "clip" else "full")
-        tokenizer = build_tokenizer(preset.vocab_size)
+        tokenizer = build_tokenizer(preset.vocab_size, preset.filler_words)
         special_ids = special_token_ids(tokenizer)
         settings: dict[str, Any] = dict(
             vision_config=vision_config(vision, preset),
@@ -99,10 +126,7 @@ class LlavaLike:
         )
         config = self.config_class(**settings)
         set_special_ids(config, special_ids)
-        seeded(seed)
-        model = self.model_class(config).eval()
-        description = {"family": self.family, "vision": vision, "text": text, "size": size, "seed": seed}
-        return save_checkpoint(out_dir, model, self.processor(vision, preset, tokenizer, strategy), description)
+        return config, tokenizer, strategy
 
 
 def processor(vision: str, preset: SizePreset, tokenizer: PreTrainedTokenizerFast, strategy: str) -> LlavaProcessor:

@@ -6,12 +6,17 @@ prepended like LLaVA's Llama tokenizer does.
 
 The `tiny` preset uses `initializer_range=0.2`: at HF's default 0.02 attention is close to uniform and position
 or masking bugs still give the "right" tokens (see shared/notes/hf-seam.md). The `bench` preset is sized like a
-real deployment's shapes, scaled down: a CLIP-B/16 tower at 224 px and a ~30M-parameter GQA language model.
+real deployment's shapes, scaled down: a CLIP-B/16 tower at 224 px and a ~30M-parameter GQA language model. The
+`7b` preset has LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px, Llama-7B, vocabulary 32064) in bfloat16, for the
+GPU check (`benchmarks/gpu_check.py`); its tokenizer is trained on the corpus plus seeded filler words, which is
+what it takes for the BPE to reach 32064 tokens (the corpus alone yields ~1,300). Only LLaVA-style builders take it.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +60,8 @@ class SizePreset:
     text_intermediate: int
     max_position_embeddings: int
     initializer_range: float
+    dtype: str = "float32"  # the weights' dtype, drawn and stored (torch attribute name)
+    filler_words: int = 0  # seeded random words added to the tokenizer's training text, to reach vocab_size
 
 
 SIZE_PRESETS = {
@@ -67,6 +74,12 @@ SIZE_PRESETS = {
         vocab_size=2000, image_size=224, patch_size=16, vision_hidden=768, vision_layers=12, vision_heads=12,
         vision_intermediate=3072, text_hidden=512, text_layers=8, text_heads=8, text_kv_heads=2,
         text_intermediate=1408, max_position_embeddings=4096, initializer_range=0.02,
+    ),
+    "7b": SizePreset(  # llava-hf/llava-1.5-7b-hf's shapes: ~7.1B parameters, ~14 GB in bfloat16
+        vocab_size=32064, image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+        vision_intermediate=4096, text_hidden=4096, text_layers=32, text_heads=32, text_kv_heads=32,
+        text_intermediate=11008, max_position_embeddings=4096, initializer_range=0.02, dtype="bfloat16",
+        filler_words=80_000,
     ),
 }  # fmt: skip
 
@@ -109,9 +122,11 @@ def prepend_bos(tokenizer: Tokenizer, bos: str) -> Tokenizer:
     return tokenizer
 
 
-def build_tokenizer(vocab_size: int = SIZE_PRESETS["tiny"].vocab_size) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    vocab_size: int = SIZE_PRESETS["tiny"].vocab_size, filler_words: int = 0
+) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the bundled corpus (deterministic), `<s>` prepended as LLaVA's Llama does."""
-    tokenizer = prepend_bos(train_bpe(vocab_size, SPECIAL_TOKENS), "<s>")
+    tokenizer = prepend_bos(train_bpe(vocab_size, SPECIAL_TOKENS, extra_texts=filler_text(filler_words)), "<s>")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
@@ -121,6 +136,15 @@ def build_tokenizer(vocab_size: int = SIZE_PRESETS["tiny"].vocab_size) -> PreTra
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         model_max_length=4096,
     )
+
+
+def filler_text(num_words: int) -> list[str]:
+    """`num_words` random lowercase words (3-9 letters, seed 0), 20 to a line: text with enough distinct letter
+    pairs for a BPE to learn tens of thousands of merges. Empty for 0, so the small presets' tokenizers are the
+    corpus's alone."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(num_words)]
+    return [" ".join(words[i : i + 20]) for i in range(0, num_words, 20)]
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
@@ -222,3 +246,17 @@ def save_checkpoint(
 
 def seeded(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+def instantiate(model_class: type[PreTrainedModel], config: PretrainedConfig, preset: SizePreset, device: str) -> Any:
+    """The model with random weights drawn on `device` in the preset's dtype, in eval mode.
+
+    float32 on the CPU is the original path, kept as it was so the small presets' files stay byte-identical. Other
+    dtypes or devices are created there directly: a 7B model is drawn on a GPU in seconds, in bfloat16 (14 GB, not
+    28), and `save_pretrained` copies it out. The device's RNG differs from the CPU's: same seed, other weights.
+    """
+    if preset.dtype == "float32" and device == "cpu":
+        return model_class(config).eval()
+    with torch.device(device):
+        model = model_class._from_config(config, dtype=getattr(torch, preset.dtype))
+    return model.eval()
