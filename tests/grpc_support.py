@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import redis
 
@@ -50,3 +56,26 @@ class RedisProcess:
             self.process.kill()
             self.process.wait(timeout=10)
         self.client.close()
+
+
+@contextlib.contextmanager
+def generator_process(
+    model: Path, args: Sequence[str], env: Mapping[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`python -m generator_service --model MODEL --port <free> ARGS` as a real process, with its output in a log
+    file: yields (process, address, log path); the process is killed on exit if it still runs."""
+    port = free_port()
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as scratch:
+        log_path = Path(scratch) / "generator.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "generator_service", "--model", str(model), "--port", str(port), *args],
+                cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ if env is None else env),
+            )  # fmt: skip
+            try:
+                yield process, f"127.0.0.1:{port}", log_path
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=10)

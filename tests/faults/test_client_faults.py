@@ -17,12 +17,10 @@ phases held exactly, over gRPC, and the cases those do not reach.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -64,7 +62,7 @@ from tests.generator_service.support import (
     until,
     wait_until,
 )
-from tests.grpc_support import free_port
+from tests.grpc_support import generator_process as start_generator_process
 
 pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[2]
@@ -299,22 +297,9 @@ DRAINED_TOKENS = 100  # per stream: long enough to be running when SIGTERM lands
 
 @pytest.fixture
 def generator_process(tiny_checkpoint: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as scratch:
-        log_path = Path(scratch) / "generator.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "generator_service", "--model", str(tiny_checkpoint), "--port", str(port),
-                 "--block-size", "4", "--num-kv-blocks", "1024", "--max-num-seqs", "4",
-                 "--shutdown-grace-s", str(GRACE_S)],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-            )  # fmt: skip
-            try:
-                yield process, f"127.0.0.1:{port}", log_path
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait(timeout=10)
+    args = ["--block-size", "4", "--num-kv-blocks", "1024", "--max-num-seqs", "4", "--shutdown-grace-s", str(GRACE_S)]
+    with start_generator_process(tiny_checkpoint, args) as started:
+        yield started
 
 
 def test_sigterm_drains_running_streams_exactly(generator_process: tuple[subprocess.Popen[bytes], str, Path]) -> None:

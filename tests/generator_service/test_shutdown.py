@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generator_pb2, generator_pb2_grpc
 from tests.generator_service.support import StreamResult, collect, request, until
-from tests.grpc_support import free_port
+from tests.grpc_support import generator_process as start_generator_process
 
 REPO = Path(__file__).resolve().parents[2]
 GRACE_S = 1.0
@@ -38,22 +37,10 @@ def _health(channel: grpc.Channel, service: str = "") -> str:
 
 @pytest.fixture
 def generator_process(tiny_checkpoint: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as scratch:
-        log_path = Path(scratch) / "generator.log"
-        with log_path.open("wb") as log:
-            env = {**os.environ, "MMSERVE_SHUTDOWN_GRACE_S": str(GRACE_S)}  # flags also come from MMSERVE_*
-            process = subprocess.Popen(
-                [sys.executable, "-m", "generator_service", "--model", str(tiny_checkpoint), "--port", str(port),
-                 "--block-size", "4", "--num-kv-blocks", "2048", "--max-num-seqs", "8"],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-            try:
-                yield process, f"127.0.0.1:{port}", log_path
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait(timeout=10)
+    env = {**os.environ, "MMSERVE_SHUTDOWN_GRACE_S": str(GRACE_S)}  # flags also come from MMSERVE_*
+    args = ["--block-size", "4", "--num-kv-blocks", "2048", "--max-num-seqs", "8"]
+    with start_generator_process(tiny_checkpoint, args, env) as started:
+        yield started
 
 
 def test_sigterm_drains_then_exits_zero(generator_process: tuple[subprocess.Popen[bytes], str, Path]) -> None:
