@@ -38,6 +38,7 @@ mapping exists for these classes); a bare `Idefics3Model` / `SmolVLMModel` save 
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -54,13 +55,11 @@ from transformers import (
     ProcessorMixin,
     SmolVLMConfig,
 )
-from transformers.models.idefics3 import image_processing_pil_idefics3
 from transformers.models.idefics3.modeling_idefics3 import (
     Idefics3Connector,
     Idefics3Model,
     Idefics3VisionTransformer,
 )
-from transformers.models.smolvlm import image_processing_pil_smolvlm
 from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector, SmolVLMModel, SmolVLMVisionTransformer
 from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
@@ -133,10 +132,10 @@ class Idefics3Family(ModelFamily):
         key_rule(r"^lm_head\.", "text", "lm_head."),
     )
     vision_class: ClassVar[type[Idefics3Vision]] = Idefics3Vision
-    # The image processor's rule for `size={"longest_edge": L}`: HF's own function in the processor's module.
-    longest_edge_rule: ClassVar[Callable[..., tuple[int, int]]] = staticmethod(
-        image_processing_pil_idefics3.get_resize_output_image_size
-    )
+    # The image processor's module: its `get_resize_output_image_size` is the rule for `size={"longest_edge": L}`.
+    # Imported when first used: on older releases (5.17) importing it needs torchvision, and those releases are
+    # refused for this family with a clear message before any image is processed.
+    image_processing_module: ClassVar[str] = "transformers.models.idefics3.image_processing_pil_idefics3"
     config: Idefics3Config | SmolVLMConfig  # transformers generates SmolVLM's classes: not subclasses of Idefics3's
 
     # --- checkpoint split ---------------------------------------------------------------------------------
@@ -181,7 +180,10 @@ class Idefics3Family(ModelFamily):
         within longest_edge^2."""
         image_processor = processor.image_processor
         if image_processor.do_resize and image_processor.size.longest_edge:
-            resized = self.longest_edge_rule(shape_only(size), resolution_max_side=image_processor.size.longest_edge)
+            longest_edge_rule: Callable[..., tuple[int, int]] = importlib.import_module(
+                self.image_processing_module
+            ).get_resize_output_image_size
+            resized = longest_edge_rule(shape_only(size), resolution_max_side=image_processor.size.longest_edge)
             return int(resized[0]), int(resized[1])
         return backend_resized_size(image_processor, size)  # height and width, or no resize
 
@@ -285,4 +287,4 @@ class SmolVLMFamily(Idefics3Family):
     )
     vision_class = SmolVLMVision
     processor_class = ImagesOnlySmolVLMProcessor
-    longest_edge_rule = staticmethod(image_processing_pil_smolvlm.get_resize_output_image_size)
+    image_processing_module = "transformers.models.smolvlm.image_processing_pil_smolvlm"

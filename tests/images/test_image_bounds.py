@@ -28,11 +28,19 @@ from transformers import AutoConfig, PreTrainedModel
 from common.config import ModelConfig
 from common.images.errors import InvalidImageError
 from common.images.vision_encoder import MAX_RESIZED_VALUES, UnsupportedImageError, VisionEncoder
+from common.models.idefics3 import processor_loads_without_torchvision
 from tests.conftest import CheckpointFactory
 
 # The tiny builders' families whose processors differ: shortest-edge + crop (llava), anyres tiling (llava_next),
 # fixed size (blip2, gemma3), smart_resize (qwen2_vl, qwen2_5_vl), longest edge + tiles (idefics3, smolvlm).
-FAMILIES = ("llava", "llava_next", "blip2", "gemma3", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+_NEEDS_TORCHVISION_HERE = pytest.mark.skipif(
+    not processor_loads_without_torchvision(),
+    reason="this transformers release loads the Idefics3/SmolVLM image processor only with torchvision",
+)
+FAMILIES = (
+    "llava", "llava_next", "blip2", "gemma3", "qwen2_vl", "qwen2_5_vl",
+    pytest.param("idefics3", marks=_NEEDS_TORCHVISION_HERE), pytest.param("smolvlm", marks=_NEEDS_TORCHVISION_HERE),
+)  # fmt: skip
 STRIPS = [(20, 2000), (2000, 20)]  # (width, height): a receipt and a banner, 1:100
 S = 336  # LLaVA-1.5's shortest edge (and crop), which the tiny builder scales down to 32
 
