@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> None:
     results["(e) mmserve LLM.generate, text only"] = Row(len(text_ids) * fixed, seconds, sum(flops.text_lm))
 
     ttft_first, ttft_second = time_to_first_token(llm, work)
+    llm.close()
     # Peak and bandwidth again at the end, the better of each: load from elsewhere only ever lowers a measurement.
     peak = max(machine.peak_gflops, measure_matmul_peak(torch.float32, "cpu", args.peak_seconds))
     machine = Machine(peak, max(machine.bandwidth_gbs, measure_copy_bandwidth("cpu")), machine.threads)
@@ -290,7 +291,9 @@ def vision_excluded(
 
     hf_stamps = TokenStamps()
     hf_generate(0, 1 + args.decode_tokens, hf_stamps)
-    return median_gap(hf_stamps.stamps), median_gap(mmserve_step_stamps(llm, requests[0], args.decode_tokens))
+    mmserve_stamps = mmserve_step_stamps(llm, requests[0], args.decode_tokens)
+    llm.close()
+    return median_gap(hf_stamps.stamps), median_gap(mmserve_stamps)
 
 
 class TokenStamps(LogitsProcessor):
