@@ -55,6 +55,8 @@ def decode_groups(
             rows=torch.tensor(members),
             block_tables=tables[members][:, : blocks[members[-1]]],
             positions=contexts[members] - 1,
+            num_keys=int(contexts[members].max()),
+            padded=bool((contexts[members] < contexts[members].max()).any()),
         )
         for members in groups
     ]

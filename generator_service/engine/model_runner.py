@@ -224,15 +224,18 @@ class ModelRunner:
             if groups[-1] and budget is not None and padded_bytes > budget:
                 groups.append([])
             groups[-1].append(i)
+        contexts = (starts + 1).tolist()  # keys of each chunk: positions 0 .. start
         decode_groups = []
         for members in groups:
             index = torch.tensor(members, device=self.device)
-            num_blocks = context_blocks[members[-1]]
+            longest = max(contexts[i] for i in members)
             decode_groups.append(
                 DecodeGroup(
                     rows=row_starts.index_select(0, index),
-                    block_tables=block_tables.index_select(0, index)[:, :num_blocks],
+                    block_tables=block_tables.index_select(0, index)[:, : context_blocks[members[-1]]],
                     positions=starts.index_select(0, index),
+                    num_keys=longest,
+                    padded=any(contexts[i] < longest for i in members),
                 )
             )
         return decode_groups

@@ -63,22 +63,28 @@ class PrefillChunk:
 
 @dataclass
 class DecodeGroup:
-    """Decode rows (one query each) attended together: their contexts padded to `block_tables.shape[1]` blocks."""
+    """Decode rows (one query each) attended together: their contexts padded to the longest, `num_keys`."""
 
     rows: torch.Tensor  # [n] rows of the flattened batch
     block_tables: torch.Tensor  # [n, B] cache blocks of each row's context, padded with block 0 (masked out)
     positions: torch.Tensor  # [n] absolute position of each row's query (its context is 0 .. position)
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    num_keys: int  # the longest context of the group (<= B * block_size): keys beyond it are not read
+    padded: bool  # some row's context is shorter than num_keys (its padding keys must be masked)
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
-    def mask(self, window: int | None, block_size: int) -> torch.Tensor:
-        """[n, 1, 1, B * block_size] bool: key visible to the row's query. Built once per step and window."""
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """[n, 1, 1, num_keys] bool: key visible to the row's query; None when every key is (no padding, no window
+        cutting), which lets SDPA take its unmasked path (every batch-1 decode). Built once per step and window."""
         if window not in self._masks:
-            key_positions = torch.arange(self.block_tables.shape[1] * block_size, device=self.positions.device)
-            distance = self.positions[:, None] - key_positions[None, :]  # [n, L]
-            visible = distance >= 0
-            if window is not None:
-                visible = visible & (distance < window)
-            self._masks[window] = visible[:, None, None, :]
+            if not self.padded and (window is None or self.num_keys <= window):
+                self._masks[window] = None
+            else:
+                key_positions = torch.arange(self.num_keys, device=self.positions.device)
+                distance = self.positions[:, None] - key_positions[None, :]  # [n, num_keys]
+                visible = distance >= 0
+                if window is not None:
+                    visible = visible & (distance < window)
+                self._masks[window] = visible[:, None, None, :]
         return self._masks[window]
 
 
@@ -124,9 +130,10 @@ def paged_attention(
         num_rows, num_blocks = group.block_tables.shape
         flat = group.block_tables.reshape(-1)
         shape = (num_rows, num_blocks * block_size, -1, head_dim)
-        k = k_blocks.index_select(0, flat).view(shape).transpose(1, 2)  # [n, kv_heads, L, head_dim]
-        v = v_blocks.index_select(0, flat).view(shape).transpose(1, 2)
-        mask = group.mask(window, block_size)
+        keys = slice(0, group.num_keys)
+        k = k_blocks.index_select(0, flat).view(shape)[:, keys].transpose(1, 2)  # [n, kv_heads, num_keys, head_dim]
+        v = v_blocks.index_select(0, flat).view(shape)[:, keys].transpose(1, 2)
+        mask = group.mask(window)
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         out.index_copy_(0, group.rows, attended[:, :, 0, :])  # [n, heads, head_dim]
 
