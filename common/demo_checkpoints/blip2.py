@@ -14,11 +14,12 @@ that a row-order bug in an image span changes the tokens.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -181,14 +182,24 @@ def lm_tokenizer(preset: SizePreset) -> PreTrainedTokenizerFast:
 def build_qformer_tokenizer() -> PreTrainedTokenizerFast:
     """A BERT-style uncased WordPiece tokenizer trained on the bundled corpus: `[CLS] text [SEP]`, like the
     `bert-base-uncased` tokenizer InstructBLIP's QFormer reads instructions with."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=QFORMER_VOCAB_SIZE, special_tokens=list(QFORMER_SPECIAL_TOKENS), show_progress=False
+    # The vocabulary is built here rather than by tokenizers' WordPieceTrainer, whose "##" pieces get ids in a hash
+    # map's order (its vocabulary differed between runs): the specials, every character alone and as "##"
+    # continuation, then whole words by frequency (ties alphabetical). Greedy longest-match WordPiece then reads
+    # any text. Same corpus, same files.
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    lines = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
+    counts = Counter(
+        word for line in lines for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
     )
-    tokenizer.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").splitlines(), trainer=trainer)
+    alphabet = sorted({char for word in counts for char in word})
+    vocab = [*QFORMER_SPECIAL_TOKENS, *alphabet, *(f"##{char}" for char in alphabet)]
+    words = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    vocab += words[: max(0, QFORMER_VOCAB_SIZE - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece(vocab={token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from common.demo_checkpoints import BUILDERS
 from common.demo_model import build_checkpoint, main
 from tests.conftest import CheckpointFactory
 
@@ -51,7 +52,12 @@ def test_tokenizer_round_trips_any_utf8(tiny_checkpoint: Path) -> None:
 
 
 def _digest(path: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+    """sha256 of every file under `path` (subfolders too: InstructBLIP keeps its QFormer tokenizer in one)."""
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
 
 
 def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path) -> None:
@@ -61,6 +67,13 @@ def test_same_seed_same_files_other_seed_other_weights(tmp_path: Path) -> None:
     assert first == second
     assert first["model.safetensors"] != third["model.safetensors"]
     assert first["tokenizer.json"] == third["tokenizer.json"]
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_every_family_builds_the_same_files_twice(family: str, tmp_path: Path) -> None:
+    """Same arguments, same files, tokenizers included (a trained vocabulary must not depend on hash order)."""
+    first = _digest(build_checkpoint(tmp_path / "a", family=family))
+    assert first == _digest(build_checkpoint(tmp_path / "b", family=family))
 
 
 def test_cli_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
