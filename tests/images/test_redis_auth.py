@@ -213,7 +213,7 @@ def test_wrong_credentials_are_a_counted_miss_and_never_logged(
 
 def test_encoder_with_acl_user_url_hits_on_the_second_encode(tiny_checkpoint: Path, auth_server: RedisServer) -> None:
     url = f"redis://mmserve:{USER_PASSWORD}@127.0.0.1:{auth_server.port}/0"
-    server = RunningServer(encoder_config(tiny_checkpoint, cache=CacheConfig(redis_url=url, redis_timeout_ms=500)))
+    server = RunningServer(encoder_config(tiny_checkpoint, cache=CacheConfig(redis_url=url, redis_timeout_ms=5000)))
     try:
         data = png_bytes()
         assert [server.encode(data).images[0].cache_hit for _ in range(2)] == [False, True]
@@ -244,7 +244,7 @@ def test_encoder_over_tls_hits_on_the_second_encode(
 ) -> None:
     server, ca = tls_server
     url = f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={ca}"
-    encoder = RunningServer(encoder_config(tiny_checkpoint, cache=CacheConfig(redis_url=url, redis_timeout_ms=500)))
+    encoder = RunningServer(encoder_config(tiny_checkpoint, cache=CacheConfig(redis_url=url, redis_timeout_ms=5000)))
     try:
         data = png_bytes()
         assert [encoder.encode(data).images[0].cache_hit for _ in range(2)] == [False, True]
