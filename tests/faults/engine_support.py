@@ -61,6 +61,17 @@ def decoding(request_id: str, num_output_tokens: int) -> StepPredicate:
     return predicate
 
 
+def decoding_any(num_output_tokens: int) -> StepPredicate:
+    """The first step that computes token number `num_output_tokens + 1` of any request: it comes before any
+    longer request can finish, whatever order the requests arrived in."""
+
+    def predicate(engine: LLMEngine, scheduled: Sequence[str]) -> bool:
+        requests = (request_of(engine, request_id) for request_id in scheduled)
+        return any(request is not None and request.num_output_tokens == num_output_tokens for request in requests)
+
+    return predicate
+
+
 def prefilling(request_id: str) -> StepPredicate:
     """A step that computes a prompt chunk of `request_id` after its first (chunked prefill under way)."""
 
