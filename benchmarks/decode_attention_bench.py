@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from generator_service.engine.model_runner import DECODE_GROUP_BYTES_CPU
-from generator_service.engine.paged_attention import AttentionMetadata, DecodeGroup, paged_attention
+from generator_service.engine.model_runner import DECODE_GROUP_BYTES_CPU, build_decode_groups
+from generator_service.engine.paged_attention import AttentionMetadata, paged_attention
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -37,29 +37,6 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
-
-
-def decode_groups(
-    contexts: torch.Tensor, tables: torch.Tensor, block_size: int, bytes_per_block: int, budget: int | None
-) -> list[DecodeGroup]:
-    """The model runner's grouping (ModelRunner._decode_groups) for decode rows 0..D-1 with these contexts."""
-    blocks = ((contexts + block_size - 1) // block_size).tolist()
-    order = sorted(range(len(blocks)), key=lambda i: blocks[i])
-    groups: list[list[int]] = [[]]
-    for i in order:
-        if groups[-1] and budget is not None and (len(groups[-1]) + 1) * blocks[i] * bytes_per_block > budget:
-            groups.append([])
-        groups[-1].append(i)
-    return [
-        DecodeGroup(
-            rows=torch.tensor(members),
-            block_tables=tables[members][:, : blocks[members[-1]]],
-            positions=contexts[members] - 1,
-            num_keys=int(contexts[members].max()),
-            padded=bool((contexts[members] < contexts[members].max()).any()),
-        )
-        for members in groups
-    ]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -94,7 +71,14 @@ def run(args: argparse.Namespace) -> None:
             kv_caches=[(k_cache, v_cache)],
             block_size=bs,
             slot_mapping=torch.full((d,), scratch),
-            decode_groups=decode_groups(contexts, tables, bs, bytes_per_block, args.group_bytes),
+            decode_groups=build_decode_groups(
+                contexts - 1,
+                torch.arange(d),
+                tables,
+                block_size=bs,
+                gather_bytes_per_block=bytes_per_block,
+                budget=args.group_bytes,
+            ),
             prefills=[],
             num_tokens=d,
         )

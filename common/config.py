@@ -109,6 +109,12 @@ class ApiKeyConfig:
         return bool(self.keys) or self.key_file is not None
 
 
+def read_key_file(path: str) -> list[str]:
+    """Keys in a file: one per line; blank lines and `#` comments are skipped."""
+    with open(path, encoding="utf-8") as file:
+        return [line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")]
+
+
 def split_keys(text: str) -> tuple[str, ...]:
     """`k1,k2` -> ("k1", "k2"): several keys at once, so that a key can be rotated without downtime."""
     return tuple(key.strip() for key in text.split(",") if key.strip())
@@ -584,7 +590,6 @@ def _encoder_api_key(args: argparse.Namespace) -> str | None:
     if not args.encoder_api_key_file:
         return args.encoder_api_key or None
     _check_readable(args.encoder_api_key_file, "--encoder-api-key-file")
-    with open(args.encoder_api_key_file, encoding="utf-8") as file:
-        key = next((line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")), "")
-    _check(bool(key), f"--encoder-api-key-file {args.encoder_api_key_file!r} holds no key")
-    return key
+    keys = read_key_file(args.encoder_api_key_file)
+    _check(bool(keys), f"--encoder-api-key-file {args.encoder_api_key_file!r} holds no key")
+    return keys[0]

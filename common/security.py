@@ -29,7 +29,7 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf import descriptor_pool
 
-from common.config import ApiKeyConfig, ConfigError, TlsConfig
+from common.config import ApiKeyConfig, ConfigError, TlsConfig, read_key_file
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +99,6 @@ def api_key_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
-
-
-def read_key_file(path: str) -> list[str]:
-    """Keys in a file: one per line; blank lines and `#` comments are skipped."""
-    with open(path, encoding="utf-8") as file:
-        return [line.strip() for line in file if line.strip() and not line.lstrip().startswith("#")]
 
 
 class ApiKeys:
@@ -264,13 +258,18 @@ class RequestGuardInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self._log = _JunkLog()
+        # method -> (the registered handler, its guarded twin): built once per method, not on every call
+        self._guarded_handlers: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
         method: str = details.method
-        return self._guarded(handler, method)
+        cached = self._guarded_handlers.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._guarded_handlers[method] = (handler, self._guarded(handler, method))
+        return cached[1]
 
     def _guarded(self, handler: Handler, method: str) -> Handler:
         deserialize = handler.request_deserializer
@@ -328,5 +327,5 @@ def _behavior(handler: Handler) -> Callable[..., Any]:
 def server_interceptors(api_keys: ApiKeyConfig) -> list[grpc.aio.ServerInterceptor]:
     """Authentication first (an unauthenticated call is refused before its bytes are even parsed), then the
     request guard."""
-    guard: list[grpc.aio.ServerInterceptor] = [RequestGuardInterceptor()]
-    return [ApiKeyInterceptor(ApiKeys(api_keys)), *guard] if api_keys.enabled else guard
+    interceptors: list[grpc.aio.ServerInterceptor] = [ApiKeyInterceptor(ApiKeys(api_keys))] if api_keys.enabled else []
+    return [*interceptors, RequestGuardInterceptor()]

@@ -33,6 +33,42 @@ from generator_service.engine.scheduler import ScheduledChunk
 DECODE_GROUP_BYTES_CPU = 4 * 1024 * 1024
 
 
+def build_decode_groups(
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    block_tables: torch.Tensor,
+    *,
+    block_size: int,
+    gather_bytes_per_block: int,
+    budget: int | None,
+) -> list[DecodeGroup]:
+    """Decode rows in attention groups: sorted by context length, each group's padded K+V gather (per layer) within
+    `budget` bytes (None: one group). Row i queries at `positions[i]` (its context: 0 .. positions[i]), is row
+    `rows[i]` of the flattened batch and reads the blocks `block_tables[i]`."""
+    contexts = (positions + 1).tolist()
+    groups: list[list[int]] = [[]]
+    for i in sorted(range(len(contexts)), key=contexts.__getitem__):
+        # ascending: row i's context is the longest of its group so far
+        padded_bytes = (len(groups[-1]) + 1) * -(-contexts[i] // block_size) * gather_bytes_per_block
+        if groups[-1] and budget is not None and padded_bytes > budget:
+            groups.append([])
+        groups[-1].append(i)
+    decode_groups = []
+    for members in groups:
+        index = torch.tensor(members, device=positions.device)
+        longest = contexts[members[-1]]
+        decode_groups.append(
+            DecodeGroup(
+                rows=rows.index_select(0, index),
+                block_tables=block_tables.index_select(0, index)[:, : -(-longest // block_size)],
+                positions=positions.index_select(0, index),
+                num_keys=longest,
+                padded=contexts[members[0]] < longest,
+            )
+        )
+    return decode_groups
+
+
 @dataclass(frozen=True)
 class RunnerOutput:
     sampled_token_ids: dict[str, int]  # request id -> next token, for every chunk that samples
@@ -209,36 +245,19 @@ class ModelRunner:
     def _decode_groups(
         self, decode_chunks: list[int], block_tables: torch.Tensor, starts: torch.Tensor, row_starts: torch.Tensor
     ) -> list[DecodeGroup]:
-        """Single-token chunks in attention groups: by context length, each group's padded K+V gather within
-        `decode_group_bytes` (one group on CUDA, where one big batched kernel is what is fast)."""
+        """The single-token chunks `decode_chunks` in attention groups (one group on CUDA, where one big batched
+        kernel is what is fast)."""
         if not decode_chunks:
             return []
-        block_size = self.block_size
-        context_blocks = ((starts + block_size) // block_size).tolist()  # [S] blocks holding positions 0 .. start
-        order = sorted(decode_chunks, key=lambda i: context_blocks[i])
-        budget = self.decode_group_bytes
-        groups: list[list[int]] = [[]]
-        for i in order:
-            # sorted ascending: chunk i's context is the longest of its group so far
-            padded_bytes = (len(groups[-1]) + 1) * context_blocks[i] * self._gather_bytes_per_block
-            if groups[-1] and budget is not None and padded_bytes > budget:
-                groups.append([])
-            groups[-1].append(i)
-        contexts = (starts + 1).tolist()  # keys of each chunk: positions 0 .. start
-        decode_groups = []
-        for members in groups:
-            index = torch.tensor(members, device=self.device)
-            longest = max(contexts[i] for i in members)
-            decode_groups.append(
-                DecodeGroup(
-                    rows=row_starts.index_select(0, index),
-                    block_tables=block_tables.index_select(0, index)[:, : context_blocks[members[-1]]],
-                    positions=starts.index_select(0, index),
-                    num_keys=longest,
-                    padded=any(contexts[i] < longest for i in members),
-                )
-            )
-        return decode_groups
+        index = torch.tensor(decode_chunks, device=self.device)
+        return build_decode_groups(
+            starts.index_select(0, index),
+            row_starts.index_select(0, index),
+            block_tables.index_select(0, index),
+            block_size=self.block_size,
+            gather_bytes_per_block=self._gather_bytes_per_block,
+            budget=self.decode_group_bytes,
+        )
 
     def _rope_positions(
         self, chunks: Sequence[ScheduledChunk], positions: torch.Tensor, rows: list[int]
