@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from generator_service.engine.model_runner import DECODE_GROUP_BYTES_CPU, build_decode_groups
-from generator_service.engine.paged_attention import AttentionMetadata, paged_attention
+from generator_service.engine.paged_attention import AttentionMetadata, forward_context, paged_attention
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> None:
             prefills=[],
             num_tokens=d,
         )
-        out, _ = paged_attention(module, query, new_kv, new_kv, None, mmserve_attention=meta)  # type: ignore[arg-type]
+        with forward_context(meta):
+            out, _ = paged_attention(module, query, new_kv, new_kv, None)  # type: ignore[arg-type]
         return out[0]
 
     k_dense, v_dense = (t.contiguous() for t in gather_whole_contexts(k_cache, v_cache, tables, max_len, bs))

@@ -50,6 +50,9 @@ class ModelConfig:
     device: str = "cpu"
     dtype: str = "float32"
     revision: str | None = None
+    # True: run the models eagerly; False: torch.compile the language model (around the paged attention) and the
+    # family's vision modules at warm-up, bit-identical to eager (generator_service/engine/compilation.py)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.model), "--model is required: a local checkpoint directory or a hub id like llava-hf/...")
@@ -314,12 +317,17 @@ def _add_model_flags(flags: _Flags) -> None:
     flags.add(
         "--model",
         required=True,
-        help="checkpoint of a supported family (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP): a local Hugging Face "
-        "directory or a hub id",
+        help="checkpoint of a supported family (LLaVA, LLaVA-NeXT, BLIP-2, InstructBLIP, Qwen2-VL, Qwen2.5-VL, "
+        "Gemma 3, Idefics3, SmolVLM): a local Hugging Face directory or a hub id",
     )
     flags.add("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     flags.add("--device", default=default_of(ModelConfig, "device"), help="cpu, cuda or cuda:N")
     flags.add("--dtype", default=default_of(ModelConfig, "dtype"), choices=DTYPES, help="weights and activations dtype")
+    flags.switch(
+        "--no-compile",
+        help="run the models eagerly: skip torch.compile at warm-up (faster start, slower steps; results are "
+        "identical either way)",
+    )
 
 
 def _add_server_flags(flags: _Flags, port: int) -> None:
@@ -395,7 +403,13 @@ def _add_cache_flags(flags: _Flags) -> None:
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(model=args.model, device=args.device, dtype=args.dtype, revision=args.revision)
+    return ModelConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        revision=args.revision,
+        enforce_eager=args.no_compile,
+    )
 
 
 def _server(args: argparse.Namespace) -> ServerConfig:

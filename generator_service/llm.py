@@ -70,8 +70,14 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         image_cache_bytes: int = 512 * MiB,
+        enforce_eager: bool = False,
     ) -> None:
-        self.model_config = ModelConfig(model=model, device=device, dtype=dtype, revision=revision)
+        """`enforce_eager=False` (the default) compiles the language model's layers here, with a warm-up
+        generation (common/compilation.py; results are bit-identical to eager); True skips compilation (faster
+        start, slower steps), like the services' --no-compile."""
+        self.model_config = ModelConfig(
+            model=model, device=device, dtype=dtype, revision=revision, enforce_eager=enforce_eager
+        )
         self.config = EngineConfig(
             model=self.model_config,
             block_size=block_size,
@@ -84,6 +90,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
         )
         self.engine = LLMEngine.from_config(self.config)
+        self.engine.warm_up()
         self.inputs = InputProcessor(self.engine.processor, self.engine.family)
         self._image_cache_bytes = image_cache_bytes
         self._images: _ImagePath | None = None

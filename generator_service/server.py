@@ -4,9 +4,9 @@ Start-up order, so that load balancers and probes always get an honest answer:
 
     listen()  bind the gRPC port and the metrics port; health NOT_SERVING; Generate answers UNAVAILABLE
     load()    load the language model (and, without --encoder-address, the vision encoder) in a worker
-              thread, start the engine thread, run one tiny generation, build the image path (local LRU ->
-              Redis -> the encoder service or the in-process encoder), check the encoder's fingerprint
-              -> health SERVING
+              thread and warm it up there (one tiny generation: torch.compile happens here unless --no-compile),
+              start the engine thread, build the image path (local LRU -> Redis -> the encoder service or the
+              in-process encoder, warmed up too), check the encoder's fingerprint -> health SERVING
     stop()    health NOT_SERVING and new calls UNAVAILABLE; in-flight streams get `grace` seconds to finish;
               whatever is still running then ends with UNAVAILABLE; engine, caches and metrics endpoint closed
 
@@ -19,8 +19,6 @@ import asyncio
 import contextlib
 import importlib.metadata
 import logging
-import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -45,8 +43,7 @@ from common.serving import (
 )
 from generator_service.encoder_client import RemoteEncoder
 from generator_service.engine.async_engine import AsyncEngine
-from generator_service.engine.llm_engine import EngineRequest, EngineStats, LLMEngine
-from generator_service.engine.sampling_params import SamplingParams
+from generator_service.engine.llm_engine import EngineStats, LLMEngine
 from generator_service.inputs import InputProcessor
 from generator_service.metrics import GeneratorMetrics
 from generator_service.servicer import GeneratorBackend, GeneratorServicer
@@ -145,7 +142,8 @@ class GeneratorServer:
         encoder = self._image_encoder(loaded.vision)
         self._encoder = encoder
         self.images = self._image_provider(encoder, family.hidden_size, inputs.tokens_per_image)
-        await self._warm_up(engine, inputs)
+        if isinstance(encoder, LocalEncoder):
+            await encoder.warm_up()  # the vision tower's first forward, before SERVING, as the encoder service does
         if isinstance(encoder, RemoteEncoder):
             await encoder.verify()
         model = self.config.engine.model
@@ -186,6 +184,7 @@ class GeneratorServer:
 
     def _load_models(self) -> _Loaded:
         engine = LLMEngine.from_config(self.config.engine)
+        engine.warm_up()  # on this thread, before the engine thread starts: compiles the language model
         # Single-process deployment (no --encoder-address): images are encoded here.
         vision = VisionEncoder(self.config.engine.model) if self.config.encoder_address is None else None
         return _Loaded(engine=engine, vision=vision)
@@ -235,14 +234,6 @@ class GeneratorServer:
             tokens_per_image=tokens_per_image,
             on_lookup=lambda source: metrics.image_lookups.labels(source=source).inc(),
         )
-
-    async def _warm_up(self, engine: AsyncEngine, inputs: InputProcessor) -> None:
-        started = time.perf_counter()
-        token_ids = inputs.tokenize("Hello", [], []).token_ids
-        request = EngineRequest(f"warmup-{uuid.uuid4().hex}", token_ids, SamplingParams(max_tokens=2, temperature=0))
-        async for _ in engine.generate(request):
-            pass
-        logger.info("warm-up generation took %.0f ms", (time.perf_counter() - started) * 1000)
 
     async def _watch_engine(self, engine: AsyncEngine) -> None:
         """A dead engine thread makes this replica NOT_SERVING, so traffic moves elsewhere."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +136,7 @@ class LLMEngine:
             block_size=config.block_size,
             num_blocks=num_blocks,
             position_dims=text_half.family.position_dims,
+            compile=not config.model.enforce_eager,
         )
         # What ends a request (unless ignore_eos): the checkpoint's generation config's ids, as HF generate uses
         # (gemma-3-it: <eos> and <end_of_turn>), else the tokenizer's EOS.
@@ -142,10 +145,11 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         logger.info(
             "engine ready: %d KV blocks of %d tokens (%.1f MiB), max_model_len %d, max_num_seqs %d, "
-            "max_num_batched_tokens %d, prefix caching %s",
+            "max_num_batched_tokens %d, prefix caching %s, %s",
             num_blocks, config.block_size, num_blocks * self.runner.spec.bytes_per_block(config.block_size) / 2**20,
             self.max_model_len, config.max_num_seqs, config.max_num_batched_tokens,
             "on" if config.enable_prefix_caching else "off",
+            "eager" if config.model.enforce_eager else "compiled at warm-up",
         )  # fmt: skip
 
     @classmethod
@@ -167,6 +171,33 @@ class LLMEngine:
             budget_bytes = int(budget * GiB)
         by_demand = config.max_num_seqs * math.ceil(max_model_len / config.block_size)
         return max(1, min(budget_bytes // per_block, by_demand))
+
+    def warm_up(self) -> float:
+        """Run one short generation (a prefill step, then a decode step) before serving: it compiles the language
+        model (one graph for every step; unless enforce_eager) and touches kernels and the allocator. Call it before
+        any request, from the thread that will step the engine. Returns the seconds it took (also logged); raises
+        RuntimeError when the step fails."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up() runs before any request is added")
+        started = time.perf_counter()
+        prompt = self.tokenizer.encode("Hello, warm-up", add_special_tokens=False) or [0]
+        prompt = (prompt * 2)[: max(1, min(max(2, len(prompt)), self.max_model_len - 2))]  # a prefill of >= 2 tokens
+        request_id = f"warmup-{uuid.uuid4().hex}"
+        sampling = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        self.add_request(EngineRequest(request_id, prompt, sampling))
+        reasons = [out.finish_reason for out in self._run_to_completion() if out.finished]
+        if reasons != ["length"]:
+            raise RuntimeError(f"warm-up generation ended {reasons}: see the log above")
+        seconds = time.perf_counter() - started
+        what = "eager" if self.config.model.enforce_eager else "torch.compile of the language model included"
+        logger.info("engine warm-up took %.1f s (%s)", seconds, what)
+        return seconds
+
+    def _run_to_completion(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while self.has_unfinished_requests():
+            outputs.extend(self.step())
+        return outputs
 
     # ---- requests ------------------------------------------------------------------------------------------
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from common.compilation import compile_layers
 from common.models.base import PositionPlan
 from generator_service.engine import paged_attention
-from generator_service.engine.paged_attention import METADATA_KWARG, AttentionMetadata, DecodeGroup, PrefillChunk
+from generator_service.engine.paged_attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from generator_service.engine.request import ImageSpan, Request
 from generator_service.engine.sampler import Sampler, SamplingRow, TokenLogprobs
 from generator_service.engine.scheduler import ScheduledChunk
@@ -100,8 +101,13 @@ class KVCacheSpec:
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, *, block_size: int, num_blocks: int, position_dims: int = 1) -> None:
+    def __init__(
+        self, model: PreTrainedModel, *, block_size: int, num_blocks: int, position_dims: int = 1, compile: bool = False
+    ) -> None:
         self.model = model  # a *ForCausalLM: `.model` is the decoder stack, `.lm_head` the head
+        # The decoder layers compiled in place (traced at the first step: LLMEngine.warm_up), or eager. Paged attention
+        # is an opaque custom op, so one graph covers every layer of every step; T (tokens in the step) is symbolic.
+        self.compiled_layers = compile_layers(model) if compile else []
         self.position_dims = position_dims  # rotary position axes the model takes: 1, or 3 for M-RoPE
         self.model.set_attn_implementation(paged_attention.register())
         self.device = next(model.parameters()).device
@@ -166,12 +172,12 @@ class ModelRunner:
         if not chunks:
             return RunnerOutput({}, {})
         batch = self._prepare(chunks, requests)
-        hidden = self.model.model(
-            inputs_embeds=batch.inputs_embeds.unsqueeze(0),  # [1, T, hidden]
-            position_ids=batch.rope_positions,  # [1, T], or [3, 1, T] for M-RoPE
-            use_cache=False,
-            **{METADATA_KWARG: batch.attention},
-        ).last_hidden_state[0]  # [T, hidden]
+        with paged_attention.forward_context(batch.attention):
+            hidden = self.model.model(
+                inputs_embeds=batch.inputs_embeds.unsqueeze(0),  # [1, T, hidden]
+                position_ids=batch.rope_positions,  # [1, T], or [3, 1, T] for M-RoPE
+                use_cache=False,
+            ).last_hidden_state[0]  # [T, hidden]
         sampling_chunks = [chunk for chunk in chunks if chunk.samples]
         if not sampling_chunks:
             return RunnerOutput({}, {})

@@ -1,9 +1,11 @@
 """Paged attention behind Hugging Face's `AttentionInterface`: HF's model code, our KV cache.
 
 The generator calls the HF text model with one flattened ragged batch (`inputs_embeds [1, T, hidden]`,
-explicit `position_ids`, `use_cache=False`) and `mmserve_attention=<AttentionMetadata>`. HF forwards unknown
-kwargs to the attention function of every layer, builds no mask for an unregistered implementation name
-(`attention_mask is None`), and applies RoPE before calling us. So per layer we only:
+explicit `position_ids`, `use_cache=False`) inside `forward_context(<AttentionMetadata>)`. HF builds no mask for an
+unregistered implementation name (`attention_mask is None`) and applies RoPE before calling our attention function,
+which hands the layer's tensors to the custom op `mmserve::paged_attention`. The op is opaque to torch.compile (the
+compiled decoder stack does not break on it and T stays symbolic: compilation.py) and reads the step's Python-side
+metadata (block tables, groups, chunks) from the forward context, as vLLM's attention does. So per layer we only:
 
 1. write the step's new keys/values into the cache slots `slot_mapping` (token index -> block * bs + offset);
 2. attend, reading each sequence's context back through its block table:
@@ -22,6 +24,9 @@ See shared/notes/hf-seam.md for the verified recipe and its pitfalls.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +35,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 ATTENTION_NAME = "mmserve_paged"
-METADATA_KWARG = "mmserve_attention"
 
 
 @dataclass
@@ -100,6 +104,45 @@ class AttentionMetadata:
     num_tokens: int
 
 
+class _ForwardContext(threading.local):
+    metadata: AttentionMetadata | None = None
+
+
+# The step's metadata, set by the runner around the forward (vLLM's forward context): the compiled graph sees only
+# tensors and ints, and the custom op reads the Python objects (block tables, groups) from here. Per thread, since
+# one process may run several engines (each steps on its own thread).
+_context = _ForwardContext()
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[None]:
+    previous, _context.metadata = _context.metadata, meta
+    try:
+        yield
+    finally:
+        _context.metadata = previous
+
+
+@torch.library.custom_op("mmserve::paged_attention", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def paged_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float, window: int
+) -> torch.Tensor:
+    """Opaque to torch.compile (the graph does not break on it, shapes stay symbolic). Writes the layer's K/V cache
+    (a tensor the graph never sees) and returns [1, T, heads, head_dim]. `window` <= 0: no sliding window."""
+    meta = _context.metadata
+    if meta is None:
+        raise RuntimeError("mmserve paged attention called outside forward_context(): the model runner sets it")
+    return _paged_attention(meta, layer, query, key, value, scaling, window if window > 0 else None)
+
+
+@paged_attention_op.register_fake
+def _fake_paged_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float, window: int
+) -> torch.Tensor:
+    """Shapes only, for tracing: [1, T, heads, head_dim] with T symbolic."""
+    return query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # [1, heads, T, head_dim], RoPE applied
@@ -110,9 +153,22 @@ def paged_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    meta: AttentionMetadata = kwargs[METADATA_KWARG]
-    window: int | None = kwargs.get("sliding_window")
-    k_cache, v_cache = meta.kv_caches[module.layer_idx]  # type: ignore[index]
+    window = kwargs.get("sliding_window")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.ops.mmserve.paged_attention(query, key, value, module.layer_idx, scale, window or 0)
+    return out, None
+
+
+def _paged_attention(
+    meta: AttentionMetadata,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+) -> torch.Tensor:
+    k_cache, v_cache = meta.kv_caches[layer]
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))  # [T, kv_heads, head_dim]
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
 
@@ -145,7 +201,7 @@ def paged_attention(
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask(window), scale=scaling, enable_gqa=gqa)
         out[rows] = attended[0].transpose(0, 1)  # [n, heads, head_dim]
 
-    return out.unsqueeze(0), None  # [1, T, heads, head_dim], as HF's attention functions return
+    return out.unsqueeze(0)  # [1, T, heads, head_dim], as HF's attention functions return
 
 
 def register() -> str:

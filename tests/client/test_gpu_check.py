@@ -30,6 +30,7 @@ from benchmarks.gpu_check import (
 from common.demo_checkpoints.llava import LLAVA
 from common.demo_checkpoints.parts import SIZE_PRESETS, instantiate
 from generator_service import LLM, SamplingParams
+from tests.engine_mode import ENFORCE_EAGER
 
 BATCH_SIZES = (1, 2)
 MAX_TOKENS = 4
@@ -152,7 +153,7 @@ def test_a_failing_batch_size_is_reported_and_the_next_still_runs(tmp_path: Path
 
 
 def test_a_run_cut_short_leaves_the_engine_empty(tiny_checkpoint: Path) -> None:
-    with LLM(str(tiny_checkpoint)) as llm:
+    with LLM(str(tiny_checkpoint), enforce_eager=ENFORCE_EAGER) as llm:
         texts, images = requests_for(3, seed=1)
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         timing = drive_engine(llm, as_prompts(texts, images), params, deadline=time.perf_counter())

@@ -14,11 +14,13 @@ from generator_service.engine.llm_engine import EngineRequest, LLMEngine, Reques
 from generator_service.engine.request import ImageSpan
 from generator_service.engine.sampling_params import SamplingParams
 from generator_service.engine.scheduler import RequestRejected
+from tests.engine_mode import ENFORCE_EAGER
 
 
 @pytest.fixture
 def engine(tiny_checkpoint: Path) -> Iterator[AsyncEngine]:
-    config = EngineConfig(model=ModelConfig(str(tiny_checkpoint)), block_size=4, num_kv_blocks=64, max_model_len=64)
+    model = ModelConfig(str(tiny_checkpoint), enforce_eager=ENFORCE_EAGER)
+    config = EngineConfig(model=model, block_size=4, num_kv_blocks=64, max_model_len=64)
     async_engine = AsyncEngine(LLMEngine.from_config(config))
     async_engine.start()
     yield async_engine

@@ -26,6 +26,7 @@ from generator_service.engine.sampling_params import SamplingParams
 from generator_service.engine.scheduler import RequestRejected
 from generator_service.inputs import InputProcessor, InvalidPrompt
 from tests.conftest import CheckpointFactory
+from tests.engine_mode import ENFORCE_EAGER
 
 MAX_TOKENS = 12
 QUESTIONS = [
@@ -95,7 +96,8 @@ class Harness:
         decode rows into many groups; the runner then records how many groups each step had)."""
         settings: dict = {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 512}
         settings.update(overrides)
-        engine = LLMEngine.from_config(EngineConfig(model=ModelConfig(str(self.path)), **settings))
+        model = ModelConfig(str(self.path), enforce_eager=ENFORCE_EAGER)
+        engine = LLMEngine.from_config(EngineConfig(model=model, **settings))
         if decode_group_bytes is not None:
             runner = engine.runner
             runner.decode_group_bytes = decode_group_bytes

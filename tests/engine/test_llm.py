@@ -14,6 +14,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from generator_service import LLM, SamplingParams
 from generator_service.inputs import InvalidPrompt
 from tests.conftest import CheckpointFactory
+from tests.engine_mode import ENFORCE_EAGER
 
 CAT = Path(__file__).resolve().parents[2] / "examples" / "cat.jpg"
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
@@ -31,7 +32,7 @@ def _reference(path: Path, prompt: str, images: list[Image.Image], max_tokens: i
 @pytest.mark.parametrize(("vision", "text"), [("clip", "llama"), ("siglip", "qwen2")])
 def test_generate_with_images_matches_hf(checkpoint_factory: CheckpointFactory, vision: str, text: str) -> None:
     path = checkpoint_factory(vision=vision, text=text)
-    llm = LLM(str(path), block_size=4, num_kv_blocks=128)
+    llm = LLM(str(path), enforce_eager=ENFORCE_EAGER, block_size=4, num_kv_blocks=128)
     cat = Image.open(CAT)
     two = "USER: <image>\n<image>\nCompare them. ASSISTANT:"
     square = Image.new("RGB", (48, 48), "green")
@@ -55,7 +56,7 @@ def test_generate_with_images_matches_hf(checkpoint_factory: CheckpointFactory, 
 
 
 def test_repeated_image_hits_prefix_cache_and_chat(tiny_checkpoint: Path) -> None:
-    llm = LLM(str(tiny_checkpoint), block_size=4, num_kv_blocks=128)
+    llm = LLM(str(tiny_checkpoint), enforce_eager=ENFORCE_EAGER, block_size=4, num_kv_blocks=128)
     greedy = SamplingParams(max_tokens=6, temperature=0)
     first = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": str(CAT)}}, greedy)[0]
     second = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": str(CAT)}}, greedy)[0]
@@ -67,7 +68,7 @@ def test_repeated_image_hits_prefix_cache_and_chat(tiny_checkpoint: Path) -> Non
 
 
 def test_bad_prompts(tiny_checkpoint: Path) -> None:
-    llm = LLM(str(tiny_checkpoint), block_size=4, num_kv_blocks=64)
+    llm = LLM(str(tiny_checkpoint), enforce_eager=ENFORCE_EAGER, block_size=4, num_kv_blocks=64)
     with pytest.raises(InvalidPrompt, match="1 image placeholder"):
         llm.generate({"prompt": PROMPT})
     with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
@@ -89,7 +90,7 @@ def test_every_eos_id_of_the_generation_config_stops_like_hf(tiny_checkpoint: Pa
     (path / "generation_config.json").write_text(json.dumps(generation))
     expected = _reference(path, prompt, [], 10)
     assert expected == baseline[: baseline.index(stop_at) + 1]  # HF stops there
-    with LLM(str(path), block_size=4, num_kv_blocks=64) as llm:
+    with LLM(str(path), enforce_eager=ENFORCE_EAGER, block_size=4, num_kv_blocks=64) as llm:
         output = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0))[0]
     assert output.token_ids == expected
     assert output.finish_reason == "stop" and output.stop_reason == stop_at

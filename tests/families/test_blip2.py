@@ -42,6 +42,7 @@ from generator_service.engine.sampling_params import SamplingParams
 from generator_service.inputs import InputProcessor, InvalidPrompt
 from tests.conftest import CheckpointFactory
 from tests.engine.test_engine_exactness import drive, tokens
+from tests.engine_mode import ENFORCE_EAGER
 
 MAX_TOKENS = 12
 NUM_QUERY_TOKENS = 8  # the tiny builders' default: two KV blocks of 4
@@ -151,7 +152,8 @@ class Harness:
     def engine(self, **overrides: object) -> LLMEngine:
         settings: dict = {"block_size": 4, "num_kv_blocks": 256, "max_num_batched_tokens": 512}
         settings.update(overrides)
-        return LLMEngine.from_config(EngineConfig(model=ModelConfig(str(self.path)), **settings))
+        model = ModelConfig(str(self.path), enforce_eager=ENFORCE_EAGER)
+        return LLMEngine.from_config(EngineConfig(model=model, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +321,8 @@ def test_bfloat16_equals_hugging_face_and_runs(harness: Harness) -> None:
     with torch.inference_mode():
         reference = hf.get_image_features(**inputs).pooler_output[0]
     assert embedding.dtype == torch.bfloat16 and torch.equal(embedding, reference)
-    config = EngineConfig(model=ModelConfig(str(harness.path), dtype="bfloat16"), block_size=4, num_kv_blocks=64)
+    model = ModelConfig(str(harness.path), dtype="bfloat16", enforce_eager=ENFORCE_EAGER)
+    config = EngineConfig(model=model, block_size=4, num_kv_blocks=64)
     request = replace(harness.request("bf16", case), image_embeddings=(embedding,))
     generated = tokens(drive(LLMEngine.from_config(config), {0: [request]})["bf16"])
     assert 0 < len(generated) <= MAX_TOKENS

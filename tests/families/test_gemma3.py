@@ -43,6 +43,7 @@ from generator_service.engine.scheduler import RequestRejected
 from generator_service.inputs import InputProcessor
 from tests.conftest import CheckpointFactory, to_legacy_hub_layout
 from tests.engine.test_engine_exactness import drive, tokens
+from tests.engine_mode import ENFORCE_EAGER
 from tests.families.support import abort_in_phases
 
 MAX_TOKENS = 12
@@ -142,7 +143,7 @@ class Harness:
         """An engine on the shared text half (loaded once), or on its own copy when a test alters the model."""
         settings: dict = {"block_size": BLOCK_SIZE, "num_kv_blocks": 256, "max_num_batched_tokens": 512}
         settings.update(overrides)
-        config = EngineConfig(model=ModelConfig(str(self.path)), **settings)
+        config = EngineConfig(model=ModelConfig(str(self.path), enforce_eager=ENFORCE_EAGER), **settings)
         if own_model:
             return LLMEngine.from_config(config)
         if self._text_half is None:

@@ -43,6 +43,7 @@ from generator_service.engine.sampling_params import SamplingParams
 from generator_service.inputs import InputProcessor, TokenizedPrompt
 from tests.conftest import CheckpointFactory
 from tests.engine.test_engine_exactness import drive, tokens
+from tests.engine_mode import ENFORCE_EAGER
 from tests.families.support import abort_in_phases
 
 MAX_TOKENS = 12
@@ -150,7 +151,8 @@ class Harness:
     def engine(self, **overrides: object) -> LLMEngine:
         settings: dict = {"block_size": BLOCK_SIZE, "num_kv_blocks": 256, "max_num_batched_tokens": 512}
         settings.update(overrides)
-        return LLMEngine.from_config(EngineConfig(model=ModelConfig(str(self.path)), **settings))
+        model = ModelConfig(str(self.path), enforce_eager=ENFORCE_EAGER)
+        return LLMEngine.from_config(EngineConfig(model=model, **settings))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -28,6 +28,7 @@ from common.tensor_codec import tensor_from_proto
 from generator_service import LLM, SamplingParams
 from protos import encoder_pb2, encoder_pb2_grpc, generator_pb2_grpc
 from tests.conftest import CheckpointFactory
+from tests.engine_mode import ENFORCE_EAGER
 from tests.generator_service.support import (
     EventLoopThread,
     Reference,
@@ -114,7 +115,9 @@ def expected(spec: Spec, reference: Reference) -> list[list[int]]:
 def test_offline_llm_matches_hf(spec: Spec, checkpoint: Path, expected: list[list[int]]) -> None:
     greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     prompts = [{"prompt": prompt, "multi_modal_data": {"image": images}} for prompt, images in cases(spec)]
-    with LLM(str(checkpoint), block_size=4, num_kv_blocks=256, max_num_batched_tokens=24) as llm:
+    with LLM(
+        str(checkpoint), enforce_eager=ENFORCE_EAGER, block_size=4, num_kv_blocks=256, max_num_batched_tokens=24
+    ) as llm:
         first = llm.generate(prompts, greedy)
         assert [output.token_ids for output in first] == expected
         image_tokens = [output.usage.image_tokens for output in first[:3]]  # one image each, of three sizes
@@ -130,7 +133,7 @@ def test_offline_chat_uses_the_checkpoints_template(spec: Spec, checkpoint: Path
         pytest.skip(f"{spec.family}'s checkpoints have no chat template (raw prompts only)")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in it?"}]}]
     expected = reference.generate(reference.chat_prompt(messages), [IMAGES[2]], MAX_TOKENS, chat=True)
-    with LLM(str(checkpoint), block_size=4, num_kv_blocks=128) as llm:
+    with LLM(str(checkpoint), enforce_eager=ENFORCE_EAGER, block_size=4, num_kv_blocks=128) as llm:
         chatted = llm.chat(messages, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), images=[IMAGES[2]])
     assert chatted.token_ids == expected
 

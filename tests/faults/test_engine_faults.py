@@ -22,6 +22,7 @@ from generator_service.engine.async_engine import AsyncEngine, EngineDeadError, 
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine, RequestOutput
 from generator_service.engine.sampling_params import SamplingParams
 from tests.engine.test_engine_exactness import drive, tokens
+from tests.engine_mode import ENFORCE_EAGER
 from tests.faults.engine_support import (  # noqa: F401  (fixtures)
     FatalEngineError,
     Generators,
@@ -53,7 +54,7 @@ INTERNAL_DETAILS = "the engine failed on this request"
 def llm_engine(tiny_checkpoint: Path) -> LLMEngine:
     # 8-token budget: a 20-token prompt is prefilled in three chunks, next to the others' decodes.
     config = EngineConfig(
-        model=ModelConfig(str(tiny_checkpoint)),
+        model=ModelConfig(str(tiny_checkpoint), enforce_eager=ENFORCE_EAGER),
         block_size=4,
         num_kv_blocks=64,
         max_model_len=64,

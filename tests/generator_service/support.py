@@ -33,6 +33,7 @@ from common.images.intake import decode_image
 from encoder_service.server import EncoderServer
 from generator_service.server import GeneratorServer
 from protos import encoder_pb2, generator_pb2, generator_pb2_grpc
+from tests.engine_mode import ENFORCE_EAGER
 
 _T = TypeVar("_T")
 MiB = 1024 * 1024
@@ -84,7 +85,7 @@ def generator_config(
     engine.setdefault("num_kv_blocks", 256)
     engine.setdefault("block_size", 4)
     return GeneratorConfig(
-        engine=EngineConfig(model=ModelConfig(model=str(model)), **engine),
+        engine=EngineConfig(model=ModelConfig(model=str(model), enforce_eager=ENFORCE_EAGER), **engine),
         server=ServerConfig(port=0, metrics_port=metrics_port, shutdown_grace_s=shutdown_grace_s),
         cache=CacheConfig(redis_url=redis_url, redis_timeout_ms=200.0, breaker_cooldown_s=0.5),
         encoder_address=encoder_address,
