@@ -13,7 +13,7 @@ DEMO_MODEL := .cache/models/demo-$(FAMILY)-tiny
 BENCH_MODEL := .cache/models/bench
 PROTOS := protos/encoder.proto protos/generator.proto
 
-.PHONY: help install proto proto-check lint typecheck check test test-compat test-faults fuzz soak gpu-check demo demo-model bench bench-encoder bench-engine bench-serve up down clean
+.PHONY: help install proto proto-check lint typecheck check test test-compat test-faults test-compiled fuzz soak gpu-check demo demo-model bench bench-encoder bench-engine bench-serve up down clean
 
 help:
 	@echo "make demo        build the demo checkpoint, start both services, send an image twice, stop"
@@ -21,6 +21,7 @@ help:
 	@echo "make test        run the test suite (installs dependencies first)"
 	@echo "make test-compat the test suite against transformers $(COMPAT_TRANSFORMERS) (oldest supported)"
 	@echo "make test-faults the fault suite alone (Redis, encoder, engine, client and SIGTERM faults; also in make test)"
+	@echo "make test-compiled the engine and family exactness suites with the language model compiled"
 	@echo "make fuzz        long property-based fuzzing of image intake and request validation (FUZZ_EXAMPLES=N)"
 	@echo "make soak        $(MINUTES)-minute soak of both services + Redis (MINUTES=N); exits 1 on a leak or an error"
 	@echo "make gpu-check   on a CUDA machine: correctness vs HF and a timing table on a 7B-shaped checkpoint"
@@ -68,6 +69,11 @@ $(COMPAT_VENV)/.installed: requirements.txt requirements-dev.txt
 
 test-faults: install
 	$(PY) -m pytest -q -m faults
+
+# The exactness suites with the language model compiled (`make test` builds engines eagerly, except
+# tests/engine/test_compiled_exactness.py, which is always compiled).
+test-compiled: install
+	MMSERVE_TEST_COMPILED=1 $(PY) -m pytest -q tests/engine/test_engine_exactness.py tests/engine/test_llm.py tests/families
 
 # Property-based fuzzing, long: random examples (a short, fixed-seed run is part of `make test`), then atheris on
 # image intake for FUZZ_SECONDS (installed on demand: it is not needed by the test suite).

@@ -10,6 +10,8 @@ Workload: N requests (default 64), each one distinct image and a short question,
     (c) mmserve LLM.generate, everything at once (continuous batching; image encoding included)
     text-only, same questions and lengths:
     (d) transformers' continuous batching (generate_batch)   (e) mmserve
+(c) and (e) run with the language model compiled (the default), and again eagerly (enforce_eager=True) unless
+--no-eager: their ratio is torch.compile's gain.
 
 Also: share of engine step time outside the model forward with 64 requests decoding, KV memory used by
 tokens vs allocated, and time to first token of a repeated image + prompt prefix vs the first time.
@@ -213,10 +215,17 @@ def run(args: argparse.Namespace) -> None:
             results[f"(b) HF generate, static batches of {size}"] = Row(total_tokens, seconds,
                                                                         flops.with_vision(everything))  # fmt: skip
 
-    llm = LLM(args.model, block_size=16, max_num_seqs=args.num_requests, max_num_batched_tokens=args.batched_tokens)
-    probe = StepProbe(llm, min_running=min(64, args.num_requests))
     requests = image_requests(work)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in work.lengths]
+    if args.eager_too:
+        with LLM(args.model, max_num_seqs=args.num_requests, max_num_batched_tokens=args.batched_tokens,
+                 enforce_eager=True) as eager:  # fmt: skip
+            seconds, _ = timed(lambda: eager.generate(requests, params))
+        results["(c) mmserve LLM.generate, eager"] = Row(total_tokens, seconds, flops.with_vision(everything))
+    started = time.perf_counter()
+    llm = LLM(args.model, block_size=16, max_num_seqs=args.num_requests, max_num_batched_tokens=args.batched_tokens)
+    print(f"mmserve LLM(...) with torch.compile of the language model: {time.perf_counter() - started:.1f} s")
+    probe = StepProbe(llm, min_running=min(64, args.num_requests))
     seconds, _ = timed(lambda: llm.generate(requests, params))
     results["(c) mmserve LLM.generate"] = Row(total_tokens, seconds, flops.with_vision(everything))
     probe.remove()
@@ -228,8 +237,14 @@ def run(args: argparse.Namespace) -> None:
     seconds, _ = timed(lambda: text_model.generate_batch(inputs=text_ids, generation_config=cb_config))
     results["(d) transformers generate_batch, text only"] = Row(len(text_ids) * fixed, seconds, sum(flops.text_lm))
     text_params = SamplingParams(max_tokens=fixed, temperature=0, ignore_eos=True)
-    seconds, _ = timed(lambda: llm.generate([{"prompt_token_ids": ids} for ids in text_ids], text_params))
+    text_requests: list[PromptLike] = [{"prompt_token_ids": ids} for ids in text_ids]
+    seconds, _ = timed(lambda: llm.generate(text_requests, text_params))
     results["(e) mmserve LLM.generate, text only"] = Row(len(text_ids) * fixed, seconds, sum(flops.text_lm))
+    if args.eager_too:
+        with LLM(args.model, max_num_seqs=args.num_requests, max_num_batched_tokens=args.batched_tokens,
+                 enforce_eager=True) as eager:  # fmt: skip
+            seconds, _ = timed(lambda: eager.generate(text_requests, text_params))
+        results["(e) mmserve LLM.generate, text only, eager"] = Row(len(text_ids) * fixed, seconds, sum(flops.text_lm))
 
     ttft_first, ttft_second = time_to_first_token(llm, work)
     llm.close()
@@ -440,6 +455,10 @@ def report(
     print(f"  (c*) / (a*)           {c_star / a_star:6.2f}x   (the LM side alone: image embeddings precomputed)")
     e, d = rates["(e) mmserve LLM.generate, text only"], rates["(d) transformers generate_batch, text only"]
     print(f"  (e) / (d)             {e / d:6.2f}x   (must >= 1.0, target 2)")
+    for name in ("(c) mmserve LLM.generate", "(e) mmserve LLM.generate, text only"):
+        if f"{name}, eager" in rates:
+            gain = rates[name] / rates[f"{name}, eager"]
+            print(f"  {name[:3]} compiled / eager {gain:6.2f}x   (torch.compile's gain)")
     if steps.step_seconds:
         outside = 1 - sum(steps.forward_seconds) / sum(steps.step_seconds)
         print(f"  step time outside the model forward at {steps.min_running} decoding: {outside:.1%} over "
@@ -469,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens timed for batch-1 decode")
     parser.add_argument("--peak-seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-eager", dest="eager_too", action="store_false",
+                        help="skip the eager (enforce_eager=True) runs of (c) and (e) that show torch.compile's gain")
     parser.add_argument("--quick", action="store_true", help=f"a small workload (proves it runs): {QUICK}")
     args = parser.parse_args(argv)
     if args.quick:

@@ -10,7 +10,9 @@ written to --out; a failed phase is recorded and the next one still runs.
     environment      torch, CUDA and the card                      (exit 2 when CUDA is asked for and missing)
     checkpoint       build or reuse the checkpoint (weights drawn on the device: seconds, not minutes)
     bandwidth        device copy bandwidth: best of N copies of a large tensor, (read + write bytes) / time
-    mmserve_load     LLM(...): the text half, then the KV cache sized from what is free after a warm-up
+    mmserve_load     LLM(...): the text half, the KV cache sized from what is free after a warm-up, the
+                     torch.compile of the language model (unless --no-compile; a failed compile is recorded
+                     and the engine loaded eagerly)
     kv_cache         what the engine chose: blocks, tokens, GiB
     mmserve_greedy   our greedy tokens and top-5 logprobs for the correctness prompts (also the warm-up)
     mmserve_decode   tok/s per batch size: a distinct image + a question per request, --max-tokens each, EOS ignored
@@ -64,7 +66,8 @@ MiB = 1024**2
 QUESTIONS = ["What is in the picture?", "Describe the image.", "What colors do you see?", "Is it day or night?"]
 TOP_K = 5
 # Seconds each phase may take at most (the run as a whole is also held to --time-budget). Expected on an H200 with
-# the 7b preset: checkpoint ~60, mmserve_load ~30, each decode sweep ~60, the rest seconds.
+# the 7b preset: checkpoint ~60, mmserve_load ~30 + the compile (~30 on CPU for a small model), each decode sweep
+# ~60, the rest seconds.
 BUDGETS = {
     "checkpoint": 180.0, "bandwidth": 30.0, "mmserve_load": 120.0, "kv_cache": 10.0, "mmserve_greedy": 60.0,
     "mmserve_decode": 150.0, "ttft": 45.0, "hf_load": 90.0, "hf_greedy": 45.0, "hf_decode": 150.0,
@@ -273,17 +276,35 @@ def bandwidth(state: State, figures: dict[str, Any], deadline: float) -> None:
 
 
 def mmserve_load(state: State, figures: dict[str, Any], deadline: float) -> None:
+    """LLM(...) compiled (unless --no-compile): its constructor's warm-up compiles the language model. A compile
+    failure is recorded and the engine loaded eagerly, so the phases after this one still run."""
     args = state.args
     if state.checkpoint is None:
         raise Skip("no checkpoint")
-    state.llm = LLM(
-        str(state.checkpoint),
-        device=state.device,
-        dtype=args.dtype,
-        max_num_seqs=max(args.batch_sizes),
-        max_num_batched_tokens=args.batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-    )
+    settings: dict[str, Any] = {
+        "device": state.device,
+        "dtype": args.dtype,
+        "max_num_seqs": max(args.batch_sizes),
+        "max_num_batched_tokens": args.batched_tokens,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+    }
+    compiled = not args.no_compile
+    started = time.perf_counter()
+    try:
+        state.llm = LLM(str(state.checkpoint), enforce_eager=not compiled, **settings)
+    except PhaseTimeout:
+        raise
+    except Exception as exc:
+        if not compiled:
+            raise
+        figures["compile_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+        say(f"   torch.compile failed ({figures['compile_error'][:200]}): loading eagerly")
+        compiled = False
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        state.llm = LLM(str(state.checkpoint), enforce_eager=True, **settings)
+    figures.update(compiled=compiled, load_s=round(time.perf_counter() - started, 1))
     state.lm_weight_bytes = decode_weight_bytes(state.llm.engine.runner.model)
     state.kv_bytes_per_token = state.llm.engine.runner.spec.bytes_per_block(1)
     figures.update(lm_weight_gib=round(state.lm_weight_bytes / GiB, 2), kv_bytes_per_token=state.kv_bytes_per_token)
@@ -634,6 +655,7 @@ def markdown(state: State) -> str:
         "| figure | value |",
         "|---|---|",
         f"| device copy bandwidth | {get('bandwidth', 'gb_per_s')} GB/s |",
+        f"| mmserve load (compiled: {get('mmserve_load', 'compiled')}) | {get('mmserve_load', 'load_s')} s |",
         f"| KV cache ({get('kv_cache', 'sized_from')}) | {get('kv_cache', 'num_blocks')} blocks x "
         f"{get('kv_cache', 'block_size')} = {get('kv_cache', 'tokens')} tokens, {get('kv_cache', 'gib')} GiB |",
         f"| greedy agreement, first {args.compare_tokens} tokens | prefix {get('correctness', 'agreeing_prefix')}, "
@@ -698,6 +720,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bandwidth-mib", type=int, help="copied tensor's size (default 4096 on CUDA, 64 on CPU)")
     parser.add_argument("--bandwidth-repeats", type=int, default=10)
     parser.add_argument("--skip-hf", action="store_true", help="run mmserve's phases only")
+    parser.add_argument("--no-compile", action="store_true", help="run mmserve's language model eagerly")
     parser.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole check")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (rewritten after every phase)")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -323,11 +323,6 @@ def _add_model_flags(flags: _Flags) -> None:
     flags.add("--revision", help="hub revision (branch, tag or commit) when --model is a hub id")
     flags.add("--device", default=default_of(ModelConfig, "device"), help="cpu, cuda or cuda:N")
     flags.add("--dtype", default=default_of(ModelConfig, "dtype"), choices=DTYPES, help="weights and activations dtype")
-    flags.switch(
-        "--no-compile",
-        help="run the models eagerly: skip torch.compile at warm-up (faster start, slower steps; results are "
-        "identical either way)",
-    )
 
 
 def _add_server_flags(flags: _Flags, port: int) -> None:
@@ -403,13 +398,7 @@ def _add_cache_flags(flags: _Flags) -> None:
 
 
 def _model(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        revision=args.revision,
-        enforce_eager=args.no_compile,
-    )
+    return ModelConfig(model=args.model, device=args.device, dtype=args.dtype, revision=args.revision)
 
 
 def _server(args: argparse.Namespace) -> ServerConfig:
@@ -563,6 +552,11 @@ def generator_arg_parser(environ: Mapping[str, str] | None = None) -> argparse.A
         help="waiting requests before RESOURCE_EXHAUSTED",
     )
     flags.switch("--no-prefix-caching", help="disable KV prefix caching")
+    flags.switch(
+        "--no-compile",
+        help="run the language model eagerly: no torch.compile at warm-up (a faster start, slower steps; the "
+        "results are identical either way)",
+    )
     return parser
 
 
@@ -571,7 +565,7 @@ def generator_config_from_args(
 ) -> GeneratorConfig:
     args = generator_arg_parser(environ).parse_args(argv)
     engine = EngineConfig(
-        model=_model(args),
+        model=replace(_model(args), enforce_eager=args.no_compile),
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gib=args.kv_cache_memory_gib,

@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from benchmarks import gpu_check
 from benchmarks.gpu_check import (
     PHASES,
     Runner,
@@ -23,6 +24,7 @@ from benchmarks.gpu_check import (
     as_prompts,
     drive_engine,
     main,
+    mmserve_load,
     parse_args,
     requests_for,
     sweep,
@@ -59,6 +61,7 @@ def test_every_phase_runs_on_cpu_and_reports_a_status(cpu_run: tuple[int, dict[s
     assert {name: phase["status"] for name, phase in phases.items()} == dict.fromkeys(phases, "ok")
     assert code == 0
     assert phases["checkpoint"]["built"] is True
+    assert phases["mmserve_load"]["compiled"] is True and "compile_error" not in phases["mmserve_load"]
     assert phases["bandwidth"]["gb_per_s"] > 0
     kv = phases["kv_cache"]
     assert kv["tokens"] == kv["num_blocks"] * kv["block_size"] > 0
@@ -99,6 +102,29 @@ def test_summary_is_a_markdown_table_of_the_figures(cpu_run: tuple[int, dict[str
 
 def _state(tmp_path: Path) -> State:
     return State(parse_args(["--device", "cpu", "--out", str(tmp_path / "r.json")]))
+
+
+def test_a_failed_compile_is_recorded_and_the_engine_loads_eagerly(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compile failure cannot be produced on demand: a wrapper raises where the compiled LLM would be built."""
+    built: list[bool] = []
+
+    def llm(*args: Any, enforce_eager: bool, **kwargs: Any) -> LLM:
+        built.append(enforce_eager)
+        if not enforce_eager:
+            raise RuntimeError("inductor failed on purpose")
+        return LLM(*args, enforce_eager=True, **kwargs)
+
+    monkeypatch.setattr(gpu_check, "LLM", llm)
+    state = dataclasses.replace(_state(tmp_path), checkpoint=tiny_checkpoint)
+    figures: dict[str, Any] = {}
+    mmserve_load(state, figures, deadline=time.monotonic() + 60)
+    assert built == [False, True]
+    assert figures["compiled"] is False
+    assert figures["compile_error"] == "RuntimeError: inductor failed on purpose"
+    assert state.llm is not None and not state.llm.engine.runner.compiled_layers
+    state.llm.close()
 
 
 def test_a_hung_phase_times_out_a_failed_one_is_recorded_and_the_next_still_runs(tmp_path: Path) -> None:

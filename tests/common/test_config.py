@@ -47,6 +47,13 @@ def test_environment_sets_defaults_and_flags_win() -> None:
     assert config.engine.num_kv_blocks == 128
 
 
+def test_the_language_model_is_compiled_unless_no_compile() -> None:
+    assert generator_config_from_args(["--model", "/m"], environ={}).engine.model.enforce_eager is False
+    assert generator_config_from_args(["--model", "/m", "--no-compile"], environ={}).engine.model.enforce_eager
+    assert generator_config_from_args(["--model", "/m"], environ={"MMSERVE_NO_COMPILE": "1"}).engine.model.enforce_eager
+    assert "--no-compile" not in encoder_arg_parser(environ={}).format_help()  # the vision tower always runs eagerly
+
+
 def test_encoder_flags() -> None:
     config = encoder_config_from_args(
         ["--model", "/m", "--port", "6000", "--metrics-port", "9100", "--dtype", "bfloat16", "--max-batch-size", "4"],
