@@ -1,12 +1,13 @@
 """torch.compile for the language model, kept bit-identical to eager (float32, CPU: the parity standard).
 
-What is compiled (unless `--no-compile` / `enforce_eager=True`): the decoder layers of the language model, in place
-(`compile_layers`), around the paged attention, which is an opaque custom op (`mmserve::paged_attention`,
-paged_attention.py): the graph does not break on it and the step's token count stays symbolic, so two graphs (steps
-of one token, and of more) serve every layer of every step, like vLLM's piecewise compile. Compilation is lazy (at
-the first call of each shape class), so the services and `LLM` run a warm-up generation before they serve
-(`LLMEngine.warm_up`) and log its time. The vision tower stays eager: on CPU its compile was slower or inexact
-(docs/torch-compile.md).
+What is compiled: the decoder layers of the language model, in place (`compile_layers`), around the paged attention,
+which is an opaque custom op (`mmserve::paged_attention`, paged_attention.py): the graph does not break on it and the
+step's token count stays symbolic, so two graphs (steps of one token, and of more) serve every layer of every step,
+like vLLM's piecewise compile. When: by default on CUDA only (`ModelConfig.compile_language_model`; on this
+project's CPUs it cost start-up time for no speed-up, docs/torch-compile.md); `--compile` / `enforce_eager=False`
+on any device; `--no-compile` / `enforce_eager=True` never. Compilation is lazy (at the first call of each shape
+class), so the services and `LLM` run a warm-up generation before they serve (`LLMEngine.warm_up`) and log its time.
+The vision tower stays eager: on CPU its compile was slower or inexact.
 
 Why the ATen fallbacks: inductor's own kernels for a few ops round differently from ATen's (measured on the bench
 Llama and CLIP, float32, CPU): `mean` (RMSNorm's variance: another reduction order, up to 4.8e-7 after the norm),
@@ -29,10 +30,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch._dynamo.config
+import torch.fx.experimental._config
 from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -66,14 +70,15 @@ def install_eager_numerics() -> str:
 
 
 class CompiledForward:
-    """A forward through `torch.compile(dynamic=True)`, called under `_tracing_settings()`."""
+    """A forward through `torch.compile(dynamic=True)`, called under `tracing_settings()`."""
 
     def __init__(self, forward: Callable[..., Any]) -> None:
         install_eager_numerics()
+        self.eager = forward
         self._compiled: Callable[..., Any] = torch.compile(forward, dynamic=True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _tracing_settings():
+        with tracing_settings():
             return self._compiled(*args, **kwargs)
 
 
@@ -100,27 +105,59 @@ def compile_layers(model: torch.nn.Module) -> list[str]:
         if type(layer).__name__ in layer_classes
     ]
     if not layers:
-        raise ValueError(f"{type(model).__name__}: no decoder layers to compile found (use enforce_eager/--no-compile)")
+        raise ValueError(f"{type(model).__name__}: no decoder layers to compile found (use --no-compile)")
     for _, layer in layers:
         if not isinstance(layer.forward, CompiledForward):  # a model shared by several engines is compiled once
             layer.forward = CompiledForward(layer.forward)
     return [name for name, _ in layers]
 
 
-@contextlib.contextmanager
-def _tracing_settings() -> Iterator[None]:
-    """How our layers are traced:
-    - sizes are not specialized where torch can avoid it (`backed_size_oblivious`); a one-token step still gets a
-      graph of its own (a stride computation specializes on size 1): two graphs, both made at warm-up;
-    - a module's int attributes (an attention's `layer_idx`, which it passes to our op) are symbolic ints, not
-      constants: else every layer of a stack would be a graph of its own;
-    - HF wraps every layer class's forward in one function (`forward_with_checkpointing`), so all models of a
-      process share dynamo's cache entries for that code: a higher limit than the default 8 before dynamo gives up
-      and runs eagerly (several models in one process, as in the tests)."""
-    import torch.fx.experimental._config as fx_config
+# How our layers are traced (read by dynamo only when it compiles, but set around every compiled call, since a call
+# may compile):
+# - sizes are not specialized where torch can avoid it (`backed_size_oblivious`); a one-token step still gets a graph
+#   of its own (a stride computation specializes on size 1): two graphs, both made at warm-up;
+# - a module's int attributes (an attention's `layer_idx`, which it passes to our op) are symbolic ints, not
+#   constants: else every layer of a stack would be a graph of its own;
+# - floats stay constants (`specialize_float`): as graph inputs, OPT's `q * self.scaling` rounded unlike eager;
+# - HF wraps every layer class's forward in one function (`forward_with_checkpointing`), so all models of a process
+#   share dynamo's cache entries for that code: a higher limit than the default 8 before dynamo gives up and runs
+#   eagerly (several models in one process, as in the tests).
+_TRACING_SETTINGS: tuple[tuple[Any, str, object], ...] = (
+    (torch.fx.experimental._config, "backed_size_oblivious", True),
+    (torch._dynamo.config, "allow_unspec_int_on_nn_module", True),
+    (torch._dynamo.config, "specialize_float", True),
+    (torch._dynamo.config, "recompile_limit", 64),
+)
+_settings_lock = threading.Lock()
+_settings_depth = 0  # callers inside tracing_settings(), all threads: set on the first entry, restored on the last exit
+_settings_saved: list[object] = []
 
-    with (
-        fx_config.patch(backed_size_oblivious=True),  # type: ignore[attr-defined]  # installed by torch's config module
-        torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, specialize_float=True, recompile_limit=64),
-    ):
+
+def uncompile_layers(model: torch.nn.Module) -> None:
+    """Undo `compile_layers`: every layer's own forward again."""
+    for layer in model.modules():
+        forward = layer.__dict__.get("forward")
+        if isinstance(forward, CompiledForward):
+            layer.forward = forward.eager
+
+
+@contextlib.contextmanager
+def tracing_settings() -> Iterator[None]:
+    """`_TRACING_SETTINGS` for the duration (nestable, thread-safe). Plain attribute sets, ~1 us when already active:
+    `config.patch()` costs ~150 us, which per layer per step was 10% of a batch-1 decode step. The model runner holds
+    it around the whole forward, so the layers' own entries are only a depth count."""
+    global _settings_depth, _settings_saved
+    with _settings_lock:
+        if _settings_depth == 0:
+            _settings_saved = [getattr(module, name) for module, name, _ in _TRACING_SETTINGS]
+            for module, name, value in _TRACING_SETTINGS:
+                setattr(module, name, value)
+        _settings_depth += 1
+    try:
         yield
+    finally:
+        with _settings_lock:
+            _settings_depth -= 1
+            if _settings_depth == 0:
+                for (module, name, _), value in zip(_TRACING_SETTINGS, _settings_saved, strict=True):
+                    setattr(module, name, value)

@@ -70,11 +70,11 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         image_cache_bytes: int = 512 * MiB,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
     ) -> None:
-        """`enforce_eager=False` (the default) compiles the language model's layers here, with a warm-up
-        generation (common/compilation.py; results are bit-identical to eager); True skips compilation (faster
-        start, slower steps), like the services' --no-compile."""
+        """`enforce_eager`: None (the default) compiles the language model's layers on CUDA and runs eagerly on
+        CPU; False compiles on any device; True never (common/compilation.py; results are bit-identical to eager).
+        Compilation happens here, in a warm-up generation."""
         self.model_config = ModelConfig(
             model=model, device=device, dtype=dtype, revision=revision, enforce_eager=enforce_eager
         )

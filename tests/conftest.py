@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,13 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from common.demo_checkpoints import build_checkpoint
 from common.hashing import redis_key
-from tests.engine_mode import ENFORCE_EAGER
 from tests.grpc_support import RedisProcess
-
-if ENFORCE_EAGER:
-    # Generator processes started by the tests (`python -m generator_service`) run eagerly too: a compile per start
-    # would cost tens of seconds each. The compiled path has its own tests (tests/engine/test_compiled_exactness.py).
-    os.environ.setdefault("MMSERVE_NO_COMPILE", "1")
 
 CheckpointFactory = Callable[..., Path]
 

@@ -136,7 +136,7 @@ class LLMEngine:
             block_size=config.block_size,
             num_blocks=num_blocks,
             position_dims=text_half.family.position_dims,
-            compile=not config.model.enforce_eager,
+            compile=config.model.compile_language_model,
         )
         # What ends a request (unless ignore_eos): the checkpoint's generation config's ids, as HF generate uses
         # (gemma-3-it: <eos> and <end_of_turn>), else the tokenizer's EOS.
@@ -149,7 +149,7 @@ class LLMEngine:
             num_blocks, config.block_size, num_blocks * self.runner.spec.bytes_per_block(config.block_size) / 2**20,
             self.max_model_len, config.max_num_seqs, config.max_num_batched_tokens,
             "on" if config.enable_prefix_caching else "off",
-            "eager" if config.model.enforce_eager else "compiled at warm-up",
+            "compiled at warm-up" if self.runner.compiled_layers else "eager",
         )  # fmt: skip
 
     @classmethod
@@ -174,12 +174,28 @@ class LLMEngine:
 
     def warm_up(self) -> float:
         """Run one short generation (a prefill step, then a decode step) before serving: it compiles the language
-        model (one graph for every step; unless enforce_eager) and touches kernels and the allocator. Call it before
-        any request, from the thread that will step the engine. Returns the seconds it took (also logged); raises
-        RuntimeError when the step fails."""
+        model when it is compiled (two graphs serve every step) and touches kernels and the allocator. Call it
+        before any request, from the thread that will step the engine. When the compiled warm-up fails, the layers
+        go back to eager (logged) and the warm-up runs again; RuntimeError when the eager one fails too. Returns the
+        seconds it took (also logged)."""
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up() runs before any request is added")
         started = time.perf_counter()
+        try:
+            self._warm_up_generation()
+        except RuntimeError:
+            if not self.runner.compiled_layers:
+                raise
+            logger.error("the compiled warm-up failed (the step's error is logged above): running the language "
+                         "model eagerly")  # fmt: skip
+            self.runner.run_eagerly()
+            self._warm_up_generation()
+        seconds = time.perf_counter() - started
+        what = "torch.compile of the language model included" if self.runner.compiled_layers else "eager"
+        logger.info("engine warm-up took %.1f s (%s)", seconds, what)
+        return seconds
+
+    def _warm_up_generation(self) -> None:
         prompt = self.tokenizer.encode("Hello, warm-up", add_special_tokens=False) or [0]
         prompt = (prompt * 2)[: max(1, min(max(2, len(prompt)), self.max_model_len - 2))]  # a prefill of >= 2 tokens
         request_id = f"warmup-{uuid.uuid4().hex}"
@@ -188,10 +204,6 @@ class LLMEngine:
         reasons = [out.finish_reason for out in self._run_to_completion() if out.finished]
         if reasons != ["length"]:
             raise RuntimeError(f"warm-up generation ended {reasons}: see the log above")
-        seconds = time.perf_counter() - started
-        what = "eager" if self.config.model.enforce_eager else "torch.compile of the language model included"
-        logger.info("engine warm-up took %.1f s (%s)", seconds, what)
-        return seconds
 
     def _run_to_completion(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []

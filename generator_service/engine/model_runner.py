@@ -14,14 +14,16 @@ chunks and images, never over tokens.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from common.compilation import compile_layers
+from common.compilation import compile_layers, tracing_settings, uncompile_layers
 from common.models.base import PositionPlan
 from generator_service.engine import paged_attention
 from generator_service.engine.paged_attention import AttentionMetadata, DecodeGroup, PrefillChunk
@@ -108,6 +110,9 @@ class ModelRunner:
         # The decoder layers compiled in place (traced at the first step: LLMEngine.warm_up), or eager. Paged attention
         # is an opaque custom op, so one graph covers every layer of every step; T (tokens in the step) is symbolic.
         self.compiled_layers = compile_layers(model) if compile else []
+        self._tracing_settings: Callable[[], AbstractContextManager[None]] = (
+            tracing_settings if compile else contextlib.nullcontext
+        )
         self.position_dims = position_dims  # rotary position axes the model takes: 1, or 3 for M-RoPE
         self.model.set_attn_implementation(paged_attention.register())
         self.device = next(model.parameters()).device
@@ -132,6 +137,12 @@ class ModelRunner:
         self._images: dict[str, list[tuple[ImageSpan, torch.Tensor]]] = {}
         self._positions: dict[str, tuple[torch.Tensor, int]] = {}  # request -> (prompt positions [D, P], delta)
         self._generators: dict[str, torch.Generator | None] = {}
+
+    def run_eagerly(self) -> None:
+        """Undo the compilation: the layers' own forwards from the next step on."""
+        uncompile_layers(self.model)
+        self.compiled_layers = []
+        self._tracing_settings = contextlib.nullcontext
 
     # ---- per-request tensors -----------------------------------------------------------------------------
 
@@ -172,7 +183,7 @@ class ModelRunner:
         if not chunks:
             return RunnerOutput({}, {})
         batch = self._prepare(chunks, requests)
-        with paged_attention.forward_context(batch.attention):
+        with paged_attention.forward_context(batch.attention), self._tracing_settings():
             hidden = self.model.model(
                 inputs_embeds=batch.inputs_embeds.unsqueeze(0),  # [1, T, hidden]
                 position_ids=batch.rope_positions,  # [1, T], or [3, 1, T] for M-RoPE

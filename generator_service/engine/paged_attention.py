@@ -123,12 +123,16 @@ def forward_context(meta: AttentionMetadata) -> Iterator[None]:
         _context.metadata = previous
 
 
+# needs_exact_strides: inductor hands the op its inputs with eager's strides, so SDPA takes the same kernel path and
+# the compiled output stays bit-identical to eager.
 @torch.library.custom_op("mmserve::paged_attention", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def paged_attention_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float, window: int
 ) -> torch.Tensor:
     """Opaque to torch.compile (the graph does not break on it, shapes stay symbolic). Writes the layer's K/V cache
-    (a tensor the graph never sees) and returns [1, T, heads, head_dim]. `window` <= 0: no sliding window."""
+    (a tensor the graph never sees: not declared as mutated, as in vLLM, which is safe because the op's own output
+    reads what it wrote, so the write is never dropped or reordered) and returns [1, T, heads, head_dim].
+    `window` <= 0: no sliding window."""
     meta = _context.metadata
     if meta is None:
         raise RuntimeError("mmserve paged attention called outside forward_context(): the model runner sets it")
@@ -165,7 +169,7 @@ def _paged_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    scaling: float | None,
+    scaling: float,
     window: int | None,
 ) -> torch.Tensor:
     k_cache, v_cache = meta.kv_caches[layer]

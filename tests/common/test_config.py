@@ -47,11 +47,29 @@ def test_environment_sets_defaults_and_flags_win() -> None:
     assert config.engine.num_kv_blocks == 128
 
 
-def test_the_language_model_is_compiled_unless_no_compile() -> None:
-    assert generator_config_from_args(["--model", "/m"], environ={}).engine.model.enforce_eager is False
-    assert generator_config_from_args(["--model", "/m", "--no-compile"], environ={}).engine.model.enforce_eager
-    assert generator_config_from_args(["--model", "/m"], environ={"MMSERVE_NO_COMPILE": "1"}).engine.model.enforce_eager
-    assert "--no-compile" not in encoder_arg_parser(environ={}).format_help()  # the vision tower always runs eagerly
+@pytest.mark.parametrize(
+    ("argv", "environ", "enforce_eager", "compiled_on_cpu", "compiled_on_cuda"),
+    [
+        ([], {}, None, False, True),
+        (["--compile"], {}, False, True, True),
+        ([], {"MMSERVE_COMPILE": "1"}, False, True, True),
+        (["--no-compile"], {}, True, False, False),
+        ([], {"MMSERVE_NO_COMPILE": "true"}, True, False, False),
+    ],
+)
+def test_the_language_model_is_compiled_on_cuda_unless_flags_say_otherwise(
+    argv: list[str], environ: dict[str, str], enforce_eager: bool | None, compiled_on_cpu: bool, compiled_on_cuda: bool
+) -> None:
+    model = generator_config_from_args(["--model", "/m", *argv], environ=environ).engine.model
+    assert model.enforce_eager is enforce_eager
+    assert model.compile_language_model is compiled_on_cpu
+    assert dataclasses.replace(model, device="cuda:1").compile_language_model is compiled_on_cuda
+
+
+def test_compile_and_no_compile_exclude_each_other() -> None:
+    with pytest.raises(ConfigError, match="--compile and --no-compile: give one of them"):
+        generator_config_from_args(["--model", "/m", "--compile", "--no-compile"], environ={})
+    assert "compile" not in encoder_arg_parser(environ={}).format_help()  # the vision tower always runs eagerly
 
 
 def test_encoder_flags() -> None:

@@ -11,8 +11,6 @@ The first compile of each family's layer class takes tens of seconds on CPU (cac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -56,7 +54,9 @@ def test_compiled_engine_equals_hf(spec: Spec, checkpoint_factory: CheckpointFac
     checkpoint = checkpoint_factory(family=spec.family)
     reference = Reference(checkpoint)
     expected = [reference.generate(prompt, images, MAX_TOKENS) for prompt, images in cases(spec)]
-    with LLM(str(checkpoint), block_size=4, num_kv_blocks=256, max_num_batched_tokens=24) as llm:  # compiled
+    with LLM(
+        str(checkpoint), enforce_eager=False, block_size=4, num_kv_blocks=256, max_num_batched_tokens=24
+    ) as llm:
         assert llm.engine.runner.compiled_layers
         greedy = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
         outputs = _generate_without_recompiles(llm, _prompts(spec), greedy)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from common.compilation import CompiledForward
 from common.config import EngineConfig, ModelConfig
 from generator_service.engine.llm_engine import EngineRequest, LLMEngine
 from generator_service.engine.sampling_params import SamplingParams
 
 
-def _engine(checkpoint: Path) -> LLMEngine:
-    model = ModelConfig(str(checkpoint), enforce_eager=True)
+def _engine(checkpoint: Path, *, enforce_eager: bool = True) -> LLMEngine:
+    model = ModelConfig(str(checkpoint), enforce_eager=enforce_eager)
     return LLMEngine.from_config(EngineConfig(model=model, block_size=4, num_kv_blocks=32, enable_prefix_caching=False))
 
 
@@ -48,3 +49,22 @@ def test_warm_up_runs_before_any_request(tiny_checkpoint: Path) -> None:
     engine.add_request(EngineRequest("early", [5, 6, 7], SamplingParams(max_tokens=2, temperature=0)))
     with pytest.raises(RuntimeError, match="before any request"):
         engine.warm_up()
+
+
+def test_a_failed_compiled_warm_up_falls_back_to_eager(tiny_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A compile failure cannot be produced on demand: the step hook fails the first (compiled) warm-up step."""
+    engine = _engine(tiny_checkpoint, enforce_eager=False)
+    layers = engine.runner.model.model.layers
+    assert engine.runner.compiled_layers and all(isinstance(layer.forward, CompiledForward) for layer in layers)
+    failures = [RuntimeError("inductor failed on purpose")]
+
+    def fail_once(request_ids: Sequence[str]) -> None:
+        if failures:
+            raise failures.pop()
+
+    engine.step_hook = fail_once
+    engine.warm_up()
+    assert "running the language model eagerly" in caplog.text
+    assert engine.runner.compiled_layers == []
+    assert not any(isinstance(layer.forward, CompiledForward) for layer in layers)
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_used_blocks == 0
