@@ -4,7 +4,7 @@ Start-up order, so that load balancers and probes always get an honest answer:
 
     listen()  bind the gRPC port and the metrics port; health NOT_SERVING; Generate answers UNAVAILABLE
     load()    load the language model (and, without --encoder-address, the vision encoder) in a worker
-              thread and warm it up there (one tiny generation: torch.compile happens here unless --no-compile),
+              thread and warm it up there (one tiny generation: torch.compile happens here when it is on),
               start the engine thread, build the image path (local LRU -> Redis -> the encoder service or the
               in-process encoder, warmed up too), check the encoder's fingerprint -> health SERVING
     stop()    health NOT_SERVING and new calls UNAVAILABLE; in-flight streams get `grace` seconds to finish;
@@ -184,7 +184,7 @@ class GeneratorServer:
 
     def _load_models(self) -> _Loaded:
         engine = LLMEngine.from_config(self.config.engine)
-        engine.warm_up()  # on this thread, before the engine thread starts: compiles the language model
+        engine.warm_up()  # on this thread, before the engine thread starts (compiles the language model when on)
         # Single-process deployment (no --encoder-address): images are encoded here.
         vision = VisionEncoder(self.config.engine.model) if self.config.encoder_address is None else None
         return _Loaded(engine=engine, vision=vision)

@@ -107,8 +107,9 @@ class ModelRunner:
         self, model: PreTrainedModel, *, block_size: int, num_blocks: int, position_dims: int = 1, compile: bool = False
     ) -> None:
         self.model = model  # a *ForCausalLM: `.model` is the decoder stack, `.lm_head` the head
-        # The decoder layers compiled in place (traced at the first step: LLMEngine.warm_up), or eager. Paged attention
-        # is an opaque custom op, so one graph covers every layer of every step; T (tokens in the step) is symbolic.
+        # The decoder layers compiled in place (traced in LLMEngine.warm_up), or eager. Paged attention is an opaque
+        # custom op and T (tokens in the step) is symbolic, so the graphs of a one-token step and of a longer one
+        # serve every layer of every step.
         self.compiled_layers = compile_layers(model) if compile else []
         self._tracing_settings: Callable[[], AbstractContextManager[None]] = (
             tracing_settings if compile else contextlib.nullcontext
