@@ -1,5 +1,6 @@
 """The compiled language model (common/compilation.py) is exact: every family's greedy tokens equal Hugging Face's
-`generate(do_sample=False)`, and every generated token's top-5 logprobs equal the eager engine's bit for bit.
+`generate(do_sample=False)`, and every generated token's top-5 logprobs equal the eager engine's bit for bit (float32;
+bfloat16 too, for one family).
 
 The batch mixes images of different sizes, several images per prompt and a text-only prompt, under a token budget
 small enough that chunked prefill splits images and steps mix prefill chunks with decode rows. Dynamo must not
@@ -83,4 +84,27 @@ def test_compiled_logits_equal_eager_bit_for_bit(spec: Spec, checkpoint_factory:
     for compiled_output, eager_output in zip(compiled, eager, strict=True):
         assert compiled_output.token_ids == eager_output.token_ids
         # floats compared with ==: every generated token's logits are the eager ones, bit for bit
+        assert compiled_output.logprobs == eager_output.logprobs
+
+
+def test_compiled_bfloat16_equals_eager_bit_for_bit(checkpoint_factory: CheckpointFactory) -> None:
+    """bfloat16 (the dtype of GPU serving), one family: inductor must round after every op as eager does
+    (`emulate_precision_casts`); without it the logprobs differ and a request's tokens changed."""
+    spec = SPECS["llava"]
+    sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=5)
+    with LLM(
+        str(checkpoint_factory(family=spec.family)),
+        dtype="bfloat16",
+        enforce_eager=True,
+        block_size=4,
+        num_kv_blocks=256,
+        max_num_batched_tokens=24,
+        enable_prefix_caching=False,
+    ) as llm:
+        eager = llm.generate(_prompts(spec), sampling)
+        assert compile_layers(llm.engine.runner.model)
+        llm.engine.warm_up()
+        compiled = _generate_without_recompiles(llm, _prompts(spec), sampling)
+    for compiled_output, eager_output in zip(compiled, eager, strict=True):
+        assert compiled_output.token_ids == eager_output.token_ids
         assert compiled_output.logprobs == eager_output.logprobs
