@@ -47,12 +47,12 @@ ATEN_FALLBACKS = ("mean", "cos", "sin", "native_layer_norm", "sigmoid", "gelu")
 _installed = False
 
 
-def install_eager_numerics() -> str:
-    """Process-wide, idempotent: make inductor call ATen for `ATEN_FALLBACKS` and give it a cache directory of its
-    own (under $TORCHINDUCTOR_CACHE_DIR or inductor's default). Returns that directory."""
+def install_eager_numerics() -> None:
+    """Process-wide, idempotent: make inductor call ATen for `ATEN_FALLBACKS`, emulate eager's half-precision
+    rounding, and give it a cache directory of its own (under $TORCHINDUCTOR_CACHE_DIR or inductor's default)."""
     global _installed
     if _installed:
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        return
     import torch._inductor.config as inductor_config
     from torch._inductor import decomposition, lowering
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -72,7 +72,6 @@ def install_eager_numerics() -> str:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
     logger.info("torch.compile: ATen numerics for %s; inductor cache %s", ", ".join(ATEN_FALLBACKS), directory)
     _installed = True
-    return directory
 
 
 class CompiledForward:
@@ -93,10 +92,11 @@ def compile_layers(model: torch.nn.Module) -> list[str]:
     Hugging Face model lists in `_no_split_modules`); returns their names. Each traces on its first call (warm-up).
 
     Layers, not the whole model: HF's model-level forwards record outputs through hooks and a global registry
-    (transformers.utils.output_capturing) that dynamo guards on, so the model-level graph recompiles when another
-    model (the vision tower) first runs. A layer is plain tensor code around our attention op, every layer of a stack
-    shares its graphs (same code, parameters as inputs, `layer_idx` symbolic), and it holds what fusion gains: norm,
-    activation, RoPE and residual element-wise ops. Only `forward` is compiled, so the layer's hooks stay eager."""
+    (transformers.utils.output_capturing) that dynamo guards on, so the model-level graph recompiles whenever another
+    model is created in the process (the vision tower, say). A layer is plain tensor code around our attention op,
+    every layer of a stack shares its graphs (same code, parameters as inputs, `layer_idx` symbolic), and it holds
+    what fusion gains: norm, activation, RoPE and residual element-wise ops. Only `forward` is compiled, so the
+    layer's hooks stay eager."""
     layer_classes = {
         name
         for sub in model.modules()
@@ -118,6 +118,14 @@ def compile_layers(model: torch.nn.Module) -> list[str]:
     return [name for name, _ in layers]
 
 
+def uncompile_layers(model: torch.nn.Module) -> None:
+    """Undo `compile_layers`: every layer's own forward again."""
+    for layer in model.modules():
+        forward = layer.__dict__.get("forward")
+        if isinstance(forward, CompiledForward):
+            layer.forward = forward.eager
+
+
 # How our layers are traced (read by dynamo only when it compiles, but set around every compiled call, since a call
 # may compile):
 # - sizes are not specialized where torch can avoid it (`backed_size_oblivious`); a one-token step still gets a graph
@@ -137,14 +145,6 @@ _TRACING_SETTINGS: tuple[tuple[Any, str, object], ...] = (
 _settings_lock = threading.Lock()
 _settings_depth = 0  # callers inside tracing_settings(), all threads: set on the first entry, restored on the last exit
 _settings_saved: list[object] = []
-
-
-def uncompile_layers(model: torch.nn.Module) -> None:
-    """Undo `compile_layers`: every layer's own forward again."""
-    for layer in model.modules():
-        forward = layer.__dict__.get("forward")
-        if isinstance(forward, CompiledForward):
-            layer.forward = forward.eager
 
 
 @contextlib.contextmanager

@@ -196,8 +196,9 @@ class LLMEngine:
         return seconds
 
     def _warm_up_generation(self) -> None:
-        prompt = self.tokenizer.encode("Hello, warm-up", add_special_tokens=False) or [0]
-        prompt = (prompt * 2)[: max(1, min(max(2, len(prompt)), self.max_model_len - 2))]  # a prefill of >= 2 tokens
+        # Twice over, so the prefill has >= 2 tokens (the graph for longer steps), within max_model_len.
+        prompt = (self.tokenizer.encode("Hello, warm-up", add_special_tokens=False) or [0]) * 2
+        prompt = prompt[: max(1, self.max_model_len - 2)]
         request_id = f"warmup-{uuid.uuid4().hex}"
         sampling = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         self.add_request(EngineRequest(request_id, prompt, sampling))

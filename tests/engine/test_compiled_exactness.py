@@ -12,6 +12,8 @@ The first compile of each family's layer class takes tens of seconds on CPU (cac
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -64,13 +66,13 @@ def test_compiled_engine_equals_hf(spec: Spec, checkpoint_factory: CheckpointFac
     assert [output.token_ids for output in outputs] == expected
 
 
-def test_compiled_logits_equal_eager_bit_for_bit(spec: Spec, checkpoint_factory: CheckpointFactory) -> None:
+def _assert_compiled_equals_eager(spec: Spec, checkpoint: Path, dtype: str = "float32") -> None:
     """One LLM, run eagerly, then compiled in place: the same image embeddings (its image cache; two LLMs could batch
     the images differently, which moves embeddings by an ulp), no prefix cache (the second run recomputes it all)."""
-    checkpoint = checkpoint_factory(family=spec.family)
     sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=5)
     with LLM(
         str(checkpoint),
+        dtype=dtype,
         enforce_eager=True,
         block_size=4,
         num_kv_blocks=256,
@@ -87,24 +89,12 @@ def test_compiled_logits_equal_eager_bit_for_bit(spec: Spec, checkpoint_factory:
         assert compiled_output.logprobs == eager_output.logprobs
 
 
+def test_compiled_logits_equal_eager_bit_for_bit(spec: Spec, checkpoint_factory: CheckpointFactory) -> None:
+    _assert_compiled_equals_eager(spec, checkpoint_factory(family=spec.family))
+
+
 def test_compiled_bfloat16_equals_eager_bit_for_bit(checkpoint_factory: CheckpointFactory) -> None:
     """bfloat16 (the dtype of GPU serving), one family: inductor must round after every op as eager does
     (`emulate_precision_casts`); without it the logprobs differ and a request's tokens changed."""
     spec = SPECS["llava"]
-    sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=5)
-    with LLM(
-        str(checkpoint_factory(family=spec.family)),
-        dtype="bfloat16",
-        enforce_eager=True,
-        block_size=4,
-        num_kv_blocks=256,
-        max_num_batched_tokens=24,
-        enable_prefix_caching=False,
-    ) as llm:
-        eager = llm.generate(_prompts(spec), sampling)
-        assert compile_layers(llm.engine.runner.model)
-        llm.engine.warm_up()
-        compiled = _generate_without_recompiles(llm, _prompts(spec), sampling)
-    for compiled_output, eager_output in zip(compiled, eager, strict=True):
-        assert compiled_output.token_ids == eager_output.token_ids
-        assert compiled_output.logprobs == eager_output.logprobs
+    _assert_compiled_equals_eager(spec, checkpoint_factory(family=spec.family), dtype="bfloat16")
