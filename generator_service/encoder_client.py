@@ -5,8 +5,9 @@ failover, the fingerprint check, and gRPC errors -> the image path's domain erro
     encode(items, deadline) ──▶ Encode on the next target (one call per instruction; return_embeddings=True, the
                                 encoder writes Redis); UNAVAILABLE -> the following target, until the targets or
                                 min(--encoder-timeout-s, deadline) run out. A target that lists several servers
-                                (`ipv4:a,b`) is tried once per server: gRPC's round_robin sends each try to the
-                                next server, so a call on a replica that died is retried on a live one.
+                                (`ipv4:a,b`) is tried twice per server, after a short pause that doubles: gRPC's
+                                round_robin sends each try to the next server it believes live, and the pause lets
+                                it learn that a replica died (its picker is updated after the failed calls return).
 
 Image keys are computed here without the encoder, from the fingerprint computed locally from the checkpoint,
 and checked against the encoder's `GetModelInfo().fingerprint` (at start-up, and again on use while unverified):
@@ -49,6 +50,7 @@ _URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:")
 _IMAGE_INDEX_RE = re.compile(r"^images\[(\d+)\]:? ?")
 _VERIFY_RETRY_S = 5.0  # an unreachable or mismatched encoder is asked again at most this often
 _VERIFY_TIMEOUT_S = 2.0
+_FAILOVER_PAUSE_S = 0.02  # before retrying a multi-server target on UNAVAILABLE; doubles per retry
 
 
 def encoder_targets(address: str) -> list[str]:
@@ -88,6 +90,17 @@ def _num_servers(target: str) -> int:
     if target.startswith(("ipv4:", "ipv6:")):
         return len(target.split(":", 1)[1].split(","))
     return 1
+
+
+def _tries_on_unavailable(target: str) -> int:
+    """How often one call tries `target` before failing over: twice per server when it names several.
+
+    One try per server is not enough: when a replica dies, the calls it held fail at once, and an immediate
+    retry can still be picked onto it (round_robin updates its picker a moment later). Two per server, with a
+    pause between tries, outlasts that; a target whose servers are all down fails after ~20+40+80 ms.
+    """
+    servers = _num_servers(target)
+    return 2 * servers if servers > 1 else 1
 
 
 def encoder_channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
@@ -141,7 +154,7 @@ class RemoteEncoder:
             for target in encoder_targets(address)
         ]
         self._stubs = [encoder_pb2_grpc.EncoderStub(channel) for channel in self._channels]
-        self._tries = [_num_servers(target) for target in encoder_targets(address)]  # per stub, on UNAVAILABLE
+        self._tries = [_tries_on_unavailable(target) for target in encoder_targets(address)]  # per stub
         self._next = itertools.cycle(range(len(self._stubs)))
         self._verified = False
         self._mismatch: str | None = None
@@ -284,7 +297,11 @@ class RemoteEncoder:
         first = next(self._next)
         rotated = [(first + i) % len(self._stubs) for i in range(len(self._stubs))]
         order = [index for index in rotated for _ in range(self._tries[index])]
+        pause = _FAILOVER_PAUSE_S
         for attempt, index in enumerate(order):
+            if attempt > 0 and index == order[attempt - 1]:  # the same target again: let its balancer catch up
+                await asyncio.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+                pause *= 2
             remaining = deadline - time.monotonic()
             try:
                 return await call(self._stubs[index], max(remaining, 0.001))
