@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,18 @@ from common.hashing import redis_key
 from tests.grpc_support import RedisProcess
 
 CheckpointFactory = Callable[..., Path]
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """Undo a service `main()` run in-process: its `logging.basicConfig(force=True)` binds a handler to this
+    test's captured stderr, which pytest closes afterwards, and later tests' server threads would log into it
+    ("--- Logging error --- ValueError: I/O operation on closed file" in CI output)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
