@@ -21,8 +21,11 @@ configuration must do (HF's forward counted by FlopCounterMode: each prompt's pr
 forward per further token, the vision tower + projector per image except in the "vision excluded" rows; padding
 not included) would take at this machine's fp32 matmul peak, over the measured time. One line compares batch-1
 decode (HF generate and mmserve, one request, image embeddings precomputed; the median time between consecutive
-tokens) with the memory floor: LM weights +
-the KV read at the mean context, per token, over the measured copy bandwidth. `--quick` runs a small workload.
+tokens) with the memory floor: LM weights + the KV read at the mean context, per token, over the measured copy
+bandwidth. `--quick` runs a small workload.
+
+Every row runs on malloc tuned for tensors (common/host_memory.py), applied before the first row, as mmserve's
+services and `LLM` apply it; MMSERVE_MALLOC_TUNING=0 runs every row on glibc's defaults (the tuning's own gain).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from benchmarks.floor import (
 )
 from common.checkpoint import load_text_half
 from common.config import ModelConfig
+from common.host_memory import tune_malloc_for_tensors
 from common.images.vision_encoder import VisionEncoder
 from generator_service import LLM, SamplingParams
 from generator_service.llm import PromptLike
@@ -186,13 +190,17 @@ class StepStats:
 
 
 def run(args: argparse.Namespace) -> None:
+    # Process-wide, so first: HF's rows and ours then run on the same allocator (LLM would tune it on construction,
+    # after HF's first rows). MMSERVE_MALLOC_TUNING=0 runs every row on glibc's defaults instead.
+    tuned = tune_malloc_for_tensors()
     torch.manual_seed(0)
     machine = Machine(measure_matmul_peak(torch.float32, "cpu", args.peak_seconds), measure_copy_bandwidth("cpu"),
                       torch.get_num_threads())  # fmt: skip
     work = make_workload(args.num_requests, args.seed, args.min_len, args.max_len)
     total_tokens = sum(work.lengths)
     print(f"workload: {args.num_requests} requests, one image each, {total_tokens} output tokens "
-          f"(lengths {min(work.lengths)}..{max(work.lengths)}), torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"(lengths {min(work.lengths)}..{max(work.lengths)}), torch threads {torch.get_num_threads()}, "
+          f"malloc tuned for tensors (every row): {'yes' if tuned else 'no'}")  # fmt: skip
     processor = AutoProcessor.from_pretrained(args.model)
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     text_model: Any = load_text_half(args.model).model  # generate_batch comes from GenerationMixin

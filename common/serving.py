@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from common.config import ConfigError, ServerConfig
 from common.errors import CheckpointError, InvalidPrompt
+from common.host_memory import tune_malloc_for_tensors
 from common.images.errors import (
     EmbeddingNotFoundError,
     EncoderOverloadedError,
@@ -163,6 +164,7 @@ def cli_main(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging()
+    tune_malloc_for_tensors()  # before the server starts its threads (each would get its own arena otherwise)
     try:
         return asyncio.run(serve(config))
     except (ConfigError, CheckpointError) as exc:

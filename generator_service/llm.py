@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from PIL import Image
 
 from common.config import EngineConfig, MiB, ModelConfig, default_of
+from common.host_memory import tune_malloc_for_tensors
 from common.images.cache import LocalEmbeddingCache
 from common.images.local_encoder import LocalEncoder
 from common.images.provider import CacheLayer, EmbeddingProvider, ImageSource, ResolvedImage
@@ -74,7 +76,10 @@ class LLM:
     ) -> None:
         """`enforce_eager`: None (the default) compiles the language model's layers on CUDA and runs eagerly on
         CPU; False compiles on any device; True never (common/compilation.py; results are bit-identical to eager).
-        Compilation happens here, in a warm-up generation."""
+        Compilation happens here, in a warm-up generation. On the CPU this tunes the process's malloc for tensor work
+        (common/host_memory.py; MMSERVE_MALLOC_TUNING=0 turns it off)."""
+        if torch.device(device).type == "cpu":
+            tune_malloc_for_tensors()
         self.model_config = ModelConfig(
             model=model, device=device, dtype=dtype, revision=revision, enforce_eager=enforce_eager
         )

@@ -16,7 +16,8 @@ metadata (block tables, groups, chunks) from the forward context, as vLLM's atte
      allocated and page-faulted every time: at 64 sequences x 1-2k context, grouping made decode attention ~3x
      faster (benchmarks/decode_attention_bench.py);
    - each multi-token prefill chunk in its own SDPA with a bottom-right causal mask
-     (a chunk at positions [start, start + n) sees keys [0, start + i] for its row i).
+     (a chunk at positions [start, start + n) sees keys [0, start + i] for its row i); a chunk that starts its
+     sequence with nothing but causal attention uses SDPA's `is_causal` instead, as HF's own SDPA path does.
 
 Sliding-window layers (Mistral) pass `sliding_window`; a key is then visible only if q_pos - k_pos < window.
 See shared/notes/hf-seam.md for the verified recipe and its pitfalls.
@@ -46,6 +47,13 @@ class PrefillChunk:
     # [ctx] attention block of each context position (-1: none) when the request has bidirectional blocks
     block_ids: torch.Tensor | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def plain_causal(self, window: int | None) -> bool:
+        """The chunk starts the sequence (it sees only its own keys), attends causally and the window cuts nothing:
+        SDPA's `is_causal` (top-left aligned, which is bottom-right here) says it without a mask, and its CPU kernel
+        then skips the blocks above the diagonal instead of computing and masking them."""
+        num_keys = self.context_slots.numel()
+        return num_keys == self.num_tokens and self.block_ids is None and (window is None or num_keys <= window)
 
     def mask(self, window: int | None) -> torch.Tensor:
         """[n, ctx] bool: key visible to query. Built once per step and window, shared by every layer.
@@ -176,33 +184,40 @@ def _paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))  # [T, kv_heads, head_dim]
     v_cache.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
 
-    num_heads, head_dim = query.shape[1], query.shape[3]
-    gqa = num_heads != key.shape[1]
+    num_heads, head_dim, kv_heads = query.shape[1], query.shape[3], k_cache.shape[1]
+    gqa = num_heads != kv_heads
     out = query.new_empty(meta.num_tokens, num_heads, head_dim)  # [T, heads, head_dim]
 
     block_size = meta.block_size
     # [num_blocks, block_size * kv_heads * head_dim] views: index_select copies 2-D rows with one memcpy each, while
     # on a 4-D view it takes a generic element-wise path several times slower.
-    k_blocks = k_cache.view(-1, block_size * k_cache.shape[1] * head_dim)
-    v_blocks = v_cache.view(-1, block_size * v_cache.shape[1] * head_dim)
+    k_blocks = k_cache.view(-1, block_size * kv_heads * head_dim)
+    v_blocks = v_cache.view(-1, block_size * kv_heads * head_dim)
     for group in meta.decode_groups:
-        q = query[0].index_select(1, group.rows).transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
         num_rows, num_blocks = group.block_tables.shape
+        # One query per row, so the query heads that share a KV head are folded into that head's query rows:
+        # [n, kv_heads, heads / kv_heads, head_dim] (HF's repeat_kv maps query head h to KV head h // group size).
+        # SDPA then runs kv_heads small GEMMs per sequence instead of heads one-row ones, and needs no GQA expansion.
+        q = query[0].index_select(1, group.rows).transpose(0, 1).reshape(num_rows, kv_heads, -1, head_dim)
         flat = group.block_tables.reshape(-1)
         shape = (num_rows, num_blocks * block_size, -1, head_dim)
         keys = slice(0, group.num_keys)
         k = k_blocks.index_select(0, flat).view(shape)[:, keys].transpose(1, 2)  # [n, kv_heads, num_keys, head_dim]
         v = v_blocks.index_select(0, flat).view(shape)[:, keys].transpose(1, 2)
-        mask = group.mask(window)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out.index_copy_(0, group.rows, attended[:, :, 0, :])  # [n, heads, head_dim]
+        mask = group.mask(window)  # [n, 1, 1, num_keys]: the same keys for every folded query row
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        out.index_copy_(0, group.rows, attended.reshape(num_rows, num_heads, head_dim))
 
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         q = query[:, :, rows]  # [1, heads, n, head_dim]
         k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)  # [1, kvh, ctx, head_dim]
         v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask(window), scale=scaling, enable_gqa=gqa)
+        causal = chunk.plain_causal(window)
+        mask = None if causal else chunk.mask(window)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa
+        )
         out[rows] = attended[0].transpose(0, 1)  # [n, heads, head_dim]
 
     return out.unsqueeze(0)  # [1, T, heads, head_dim], as HF's attention functions return
