@@ -14,8 +14,8 @@ thresholds raised to 1 GiB (a freed block stays in the heap for the next allocat
 preloading jemalloc or tcmalloc does for PyTorch CPU inference, without a library to install. The cost: memory freed
 by tensors stays in the process (its RSS keeps its peak) instead of going back to the operating system.
 
-Applied by the services at start-up and by `LLM` on the CPU; `MMSERVE_MALLOC_TUNING=0` turns it off. A no-op where
-the C library is not glibc.
+Applied by the services at start-up (on any device) and by `LLM` on the CPU; `MMSERVE_MALLOC_TUNING=0` turns it
+off. A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations

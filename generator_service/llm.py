@@ -78,11 +78,11 @@ class LLM:
         CPU; False compiles on any device; True never (common/compilation.py; results are bit-identical to eager).
         Compilation happens here, in a warm-up generation. On the CPU this tunes the process's malloc for tensor work
         (common/host_memory.py; MMSERVE_MALLOC_TUNING=0 turns it off)."""
-        if torch.device(device).type == "cpu":
-            tune_malloc_for_tensors()
         self.model_config = ModelConfig(
             model=model, device=device, dtype=dtype, revision=revision, enforce_eager=enforce_eager
         )
+        if torch.device(self.model_config.device).type == "cpu":  # after the config has checked the device
+            tune_malloc_for_tensors()
         self.config = EngineConfig(
             model=self.model_config,
             block_size=block_size,
